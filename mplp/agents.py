@@ -21,14 +21,17 @@ Two families, as in the published protocol:
   the message. No carry (C = 0).
 
 Each network is transformed once; callers get pure `init(key) -> params` and
-`apply(params, x, carry) -> (update, message, new_carry)` (`update` is None for agents
-without a parameter).
+`apply(params, parts, carry) -> (update, message, new_carry)` (`update` is None for
+agents without a parameter). The input comes as its named parts, which may broadcast
+against each other: a weight agent's message is the same for every fan-in index, so
+its share of the first layers is computed once per (example, output unit) and
+broadcast, rather than through a [B, I, O, X] concatenation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Sequence
 
 import haiku as hk
 import jax
@@ -40,14 +43,32 @@ _GLOROT = hk.initializers.VarianceScaling(1.0, "fan_avg", "uniform")
 MLP_SIZES = (80, 40)
 
 
-def _mlp(name: str, sizes, out: int, act, out_act=None, out_bias: bool = True):
-  layers = []
-  for i, n in enumerate(sizes):
-    layers += [hk.Linear(n, w_init=_GLOROT, name=f"{name}_{i}"), act]
-  layers.append(hk.Linear(out, with_bias=out_bias, w_init=_GLOROT, name=f"{name}_{len(sizes)}"))
-  if out_act is not None:
-    layers.append(out_act)
-  return hk.Sequential(layers, name=name)
+def _parts_linear(name: str, parts: Sequence[jax.Array], out: int, with_bias: bool = True):
+  """Dense layer on the concatenation of `parts` without building it.
+
+  `parts[i]: [..., k_i]` may be broadcastable rather than equal in their leading
+  shape (a weight agent's message is [B, 1, O, M], its input [B, I, 1, 1]): each part
+  meets its own rows of the kernel, and the results broadcast-add to the full shape.
+  Same parameters (`name/w: [sum k_i, out]`, `name/b: [out]`) as an `hk.Linear`.
+  """
+  with hk.experimental.name_scope(name):
+    width = sum(p.shape[-1] for p in parts)
+    w = hk.get_parameter("w", [width, out], parts[0].dtype, _GLOROT)
+    b = hk.get_parameter("b", [out], parts[0].dtype, jnp.zeros) if with_bias else 0.0
+  y, row = b, 0
+  for p in parts:
+    k = p.shape[-1]
+    y = y + (p * w[row] if k == 1 else p @ w[row:row + k])
+    row += k
+  return y
+
+
+def _mlp(name: str, parts, sizes, out: int, act, out_act=None, out_bias: bool = True):
+  h = act(_parts_linear(f"{name}_0", parts, sizes[0]))
+  for i, n in enumerate(sizes[1:], 1):
+    h = act(hk.Linear(n, w_init=_GLOROT, name=f"{name}_{i}")(h))
+  h = hk.Linear(out, with_bias=out_bias, w_init=_GLOROT, name=f"{name}_{len(sizes)}")(h)
+  return out_act(h) if out_act is not None else h
 
 
 class _GRUCell(hk.Module):
@@ -57,10 +78,10 @@ class _GRUCell(hk.Module):
     super().__init__(name=name)
     self.c = carry_size
 
-  def __call__(self, x, carry):
-    x_size = x.shape[-1]
+  def __call__(self, parts, carry):
+    x_size = sum(p.shape[-1] for p in parts)
     c = self.c
-    p = lambda n, shape, init: hk.get_parameter(n, shape, x.dtype, init)
+    p = lambda n, shape, init: hk.get_parameter(n, shape, carry.dtype, init)
     wzx = p("wzx", [x_size, c], _GLOROT)
     wzc = p("wzc", [c, c], _GLOROT)
     bz = p("bz", [c], hk.initializers.Constant(-1.0))
@@ -68,13 +89,19 @@ class _GRUCell(hk.Module):
     wrc = p("wrc", [c, c], _GLOROT)
     br = p("br", [c], hk.initializers.Constant(-1.0))
     b = p("b", [c], jnp.zeros)
-    mlp_x = _mlp("mlp_x", MLP_SIZES, c, jnp.tanh, out_bias=False)
-    mlp_c = _mlp("mlp_c", MLP_SIZES, c, jnp.tanh, out_bias=False)
-    # One matmul for both gates on each side (same numbers, fewer kernel launches).
-    gates = x @ jnp.concatenate([wzx, wrx], 1) + carry @ jnp.concatenate([wzc, wrc], 1)
+    # Both gates in one product per side (the same numbers, half the kernels).
+    wx = jnp.concatenate([wzx, wrx], 1)
+    gx, row = 0.0, 0
+    for part in parts:
+      k = part.shape[-1]
+      gx = gx + (part * wx[row] if k == 1 else part @ wx[row:row + k])
+      row += k
+    gates = gx + carry @ jnp.concatenate([wzc, wrc], 1)
     z = jax.nn.sigmoid(gates[..., :c] + bz)
     r = jax.nn.sigmoid(gates[..., c:] + br)
-    cand = jnp.tanh(mlp_x(x) + mlp_c(r * carry) + b)
+    cand_x = _mlp("mlp_x", parts, MLP_SIZES, c, jnp.tanh, out_bias=False)
+    cand_c = _mlp("mlp_c", [r * carry], MLP_SIZES, c, jnp.tanh, out_bias=False)
+    cand = jnp.tanh(cand_x + cand_c + b)
     return z * carry + (1.0 - z) * cand
 
 
@@ -96,13 +123,21 @@ class AgentNet:
   _apply: Any = dataclasses.field(repr=False, compare=False)
 
   def init(self, key) -> Params:
-    x = jnp.zeros([1, self.input_size], jnp.float32)
+    x = [jnp.zeros([1, self.input_size], jnp.float32)]
     c = jnp.zeros([1, self.carry_size], jnp.float32)
     return self._init(key, x, c)
 
-  def apply(self, params: Params, x, carry):
-    """x: [..., X], carry: [..., C] -> (update [...] or None, message [..., M], carry [..., C])."""
-    return self._apply(params, x, carry)
+  def apply(self, params: Params, parts: Sequence[jax.Array], carry):
+    """The agents' step.
+
+    Args:
+      parts: the agent input as a list of pieces `[..., k_i]` (sum k_i = X) whose
+        leading shapes broadcast to the agents' shape `[...]` (e.g. [B, I, O]).
+      carry: [..., C] (C = 0 for stateless agents).
+    Returns:
+      (update [...] or None, message [..., M], new carry [..., C]).
+    """
+    return self._apply(params, list(parts), carry)
 
 
 def stateful(input_size: int, msg_size: int, hidden: int, has_update: bool) -> AgentNet:
@@ -113,8 +148,8 @@ def stateful(input_size: int, msg_size: int, hidden: int, has_update: bool) -> A
     raise ValueError(f"hidden size must be >= 0, got {hidden}")
   c = int(has_update) + hidden + msg_size
 
-  def f(x, carry):
-    new = _GRUCell(c)(x, carry)
+  def f(parts, carry):
+    new = _GRUCell(c)(parts, carry)
     update = new[..., 0] if has_update else None
     return update, new[..., c - msg_size:], new
 
@@ -127,12 +162,13 @@ def stateless(input_size: int, msg_size: int, has_update: bool) -> AgentNet:
   if msg_size < 1:
     raise ValueError(f"message size must be >= 1, got {msg_size}")
 
-  def f(x, carry):
+  def f(parts, carry):
     update = None
     if has_update:
-      update = _mlp("update", MLP_SIZES, 1, jax.nn.relu, jnp.tanh)(x)[..., 0]
-    msg = _mlp("message", MLP_SIZES, msg_size, jax.nn.relu, jnp.tanh)(x)
-    return update, msg, carry
+      update = _mlp("update", parts, MLP_SIZES, 1, jax.nn.relu, jnp.tanh)[..., 0]
+    msg = _mlp("message", parts, MLP_SIZES, msg_size, jax.nn.relu, jnp.tanh)
+    shape = jnp.broadcast_shapes(*(p.shape[:-1] for p in parts))
+    return update, jnp.broadcast_to(msg, shape + (msg_size,)), carry
 
   t = hk.without_apply_rng(hk.transform(f))
   return AgentNet(input_size, msg_size, 0, has_update, t.init, t.apply)

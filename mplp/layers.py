@@ -80,13 +80,13 @@ class Dense:
     """msg: [B, O, M] -> (new state, message [B, I, M], statistics used per kind)."""
     b, w, x, xw = state["b"], state["w"], memory["x"], memory["xw"]
     batch, n_in = x.shape
-    bias_in = {"message": msg, "value": _ch(jnp.broadcast_to(b, xw.shape)), "input": _ch(xw)}
+    # Inputs stay unbroadcast ([1, O, 1] for the bias values); agents broadcast them.
+    bias_in = {"message": msg, "value": _ch(b[None]), "input": _ch(xw)}
     db, b_msg, b_carry, b_stats = rule.run(meta, index, self, "bias", bias_in, state["b_carry"])
-    full = (batch, n_in, self.units)
-    weight_in = {
-        "message": jnp.broadcast_to(b_msg[:, None], full + b_msg.shape[-1:]),
-        "value": _ch(jnp.broadcast_to(w, full)),
-        "input": _ch(jnp.broadcast_to(x[:, :, None], full)),
+    weight_in = {                              # broadcast to [B, I, O, .] by the agents
+        "message": b_msg[:, None],             # [B, 1, O, M]
+        "value": _ch(w[None]),                 # [1, I, O, 1]
+        "input": _ch(x[:, :, None]),           # [B, I, 1, 1]
     }
     dw, w_msg, w_carry, w_stats = rule.run(meta, index, self, "weight", weight_in, state["w_carry"])
     reduce = jnp.sum if rule.reduce == "sum" else jnp.mean

@@ -110,7 +110,8 @@ class LearnedRule:
 
     Args:
       inputs: ordered {name: [B, ..., k]} as in `layer.entries[kind]` (k = M for the
-        message, 1 otherwise).
+        message, 1 otherwise); leading shapes may broadcast to the agents' shape (a
+        mean or std over a broadcast tensor equals the one over its source).
       carry: [B, ..., C].
     Returns:
       (delta [...] for the layer's parameter or None, message [B, ..., M],
@@ -126,9 +127,8 @@ class LearnedRule:
       stds = jnp.stack([jnp.std(v) for v in values])
       stats["in_mean"] = means
       stats["in_scale"] = jnp.where(stds < MIN_STD, 1.0, 1.0 / jnp.maximum(stds, MIN_STD))
-    x = jnp.concatenate(
-        [(v - stats["in_mean"][i]) * stats["in_scale"][i] for i, v in enumerate(values)], -1)
-    update, msg, new_carry = net.apply(params, x, carry)
+    parts = [(v - stats["in_mean"][i]) * stats["in_scale"][i] for i, v in enumerate(values)]
+    update, msg, new_carry = net.apply(params, parts, carry)
     delta = None
     if update is not None:
       u = jnp.mean(update, axis=0)
