@@ -1,0 +1,143 @@
+"""Speed and memory of mplp's inner step and meta-gradient.
+
+    python benchmarks/bench.py [--only NAME ...] [--repeats N] --out results.json
+
+Each benchmark runs in its own subprocess (so `peak_rss_mb` is its own peak), compiles
+once, then times `--repeats` calls and reports the median. Next to it, the same process
+times a 2048^3 float32 matmul, so achieved GFLOP/s can be read against this machine's
+dense-matmul rate measured at the same time. Output: `{NAME: {"median_s": ..., ...}}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+# The authors' TensorFlow implementation on this kind of machine (shared/reference).
+AUTHORS_S = {"sinusoid_inner_step": 5.9e-3, "mnist_inner_step": 28e-3}
+SHAPES = {
+    # name: (preset, batch, unroll T)
+    "sinusoid": ("sinusoid_5x10", 10, 5),
+    "mnist": ("mnist_20x8", 8, 20),
+}
+
+
+def _agents_per_step(net, batch):
+  from mplp.layers import Dense
+  n = 0
+  for layer, width in zip(net.layers, net.widths):
+    n += batch * (width * layer.units + layer.units) if isinstance(layer, Dense) else batch * width
+  return n
+
+
+def _time(fn, args, repeats):
+  import jax
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times), times
+
+
+def _matmul_gflops(repeats=5):
+  import jax
+  import jax.numpy as jnp
+  n = 2048
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(f(a))
+  median, _ = _time(f, (a,), repeats)
+  return 2 * n ** 3 / median / 1e9
+
+
+def run_one(name: str, repeats: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from mplp import presets
+
+  shape, kind = name.rsplit("_", 2)[0], name.split("_", 1)[1]
+  preset, batch, steps = SHAPES[shape]
+  net = presets.network(preset)
+  meta = net.init_meta(jax.random.PRNGKey(0))
+  state = net.init(jax.random.PRNGKey(1), batch)
+  key = jax.random.PRNGKey(2)
+  xs = jax.random.normal(key, (steps, batch, net.input_size))
+  ys = jax.nn.softmax(jax.random.normal(key, (steps, batch, net.output_size)))
+  agents = _agents_per_step(net, batch)
+  if kind == "inner_step":
+    fn, args, updates = net.inner_step, (meta, state, xs[0], ys[0]), agents
+  elif kind == "unroll_grad":
+    def meta_loss(params, state, xs, ys):
+      final, _ = net.unroll(meta._replace(params=params), state, xs, ys)
+      return net.loss(final, xs[-1], ys[-1])
+    fn, args, updates = jax.grad(meta_loss), (meta.params, state, xs, ys), agents * steps
+  else:
+    raise SystemExit(f"unknown benchmark {name!r}")
+  t = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  jax.block_until_ready(compiled(*args))
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  median, times = _time(compiled, args, repeats)
+  matmul = _matmul_gflops()
+  out = {
+      "median_s": median,
+      "min_s": min(times),
+      "repeats": repeats,
+      "compile_s": compile_s,
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "agent_updates_per_s": updates / median,
+      "xla_flops": flops,
+      "achieved_gflops": flops / median / 1e9,
+      "matmul_2048_gflops": matmul,
+      "shape": {"preset": preset, "batch": batch, "steps": steps, "agents_per_step": agents},
+      "device": str(jax.devices()[0]),
+  }
+  if name in AUTHORS_S:
+    out["authors_s"] = AUTHORS_S[name]
+    out["speedup_vs_authors"] = AUTHORS_S[name] / median
+  return out
+
+
+NAMES = ("sinusoid_inner_step", "mnist_inner_step", "sinusoid_unroll_grad", "mnist_unroll_grad")
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--only", nargs="+", choices=NAMES, help="run only these benchmarks")
+  p.add_argument("--repeats", type=int, default=30)
+  p.add_argument("--out", default="results.json", help="JSON file to write")
+  p.add_argument("--child", help=argparse.SUPPRESS)
+  a = p.parse_args(argv)
+  if a.child:
+    print(json.dumps(run_one(a.child, a.repeats)))
+    return
+  results = {}
+  for name in a.only or NAMES:
+    proc = subprocess.run([sys.executable, __file__, "--child", name, "--repeats", str(a.repeats)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+      sys.stderr.write(proc.stderr)
+      raise SystemExit(f"benchmark {name} failed")
+    results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = results[name]
+    print(f"{name:24s} median {r['median_s'] * 1e3:8.2f} ms  compile {r['compile_s']:5.2f} s  "
+          f"peak {r['peak_rss_mb']:7.0f} MB  {r['agent_updates_per_s']:.3g} agent-updates/s  "
+          f"{r['achieved_gflops']:6.1f} GFLOP/s (matmul {r['matmul_2048_gflops']:.0f})"
+          + (f"  x{r['speedup_vs_authors']:.2f} vs authors" if "speedup_vs_authors" in r else ""),
+          flush=True)
+  with open(a.out, "w") as f:
+    json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
