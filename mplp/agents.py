@@ -31,6 +31,7 @@ broadcast, rather than through a [B, I, O, X] concatenation.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import haiku as hk
@@ -41,6 +42,7 @@ Params = Any
 
 _GLOROT = hk.initializers.VarianceScaling(1.0, "fan_avg", "uniform")
 MLP_SIZES = (80, 40)
+CHUNK_AGENTS = 8192  # agents per slice in `apply_in_chunks` (fits [N, 80] in cache)
 
 
 def _parts_linear(name: str, parts: Sequence[jax.Array], out: int, with_bias: bool = True):
@@ -138,6 +140,43 @@ class AgentNet:
       (update [...] or None, message [..., M], new carry [..., C]).
     """
     return self._apply(params, list(parts), carry)
+
+  def apply_in_chunks(self, params: Params, parts: Sequence[jax.Array], carry,
+                      max_agents: int = CHUNK_AGENTS):
+    """`apply`, computed over slices of axis 1 of the agents' shape with `lax.map`.
+
+    Many agents at once ([8, 144, 50] weight agents: [57600, 80] intermediates) leave
+    the CPU's caches and run at memory speed; slices of at most `max_agents` agents
+    stay in cache (measured: 2.4x faster for the MNIST layer-1 weight agents). Same
+    numbers as `apply`. Parts whose axis 1 has extent 1 are shared by every slice.
+    """
+    shape = carry.shape[:-1]
+    total = math.prod(shape)
+    if len(shape) < 2 or total <= max_agents:
+      return self.apply(params, parts, carry)
+    extent = shape[1]
+    n = next(d for d in range(2, extent + 1) if extent % d == 0 and total // d <= max_agents
+             or d == extent)
+
+    def split(t):  # [B, E, ...] -> [n, B, E / n, ...]
+      t = t.reshape(t.shape[:1] + (n, extent // n) + t.shape[2:])
+      return jnp.moveaxis(t, 1, 0)
+
+    def merge(t):  # [n, B, E / n, ...] -> [B, E, ...]
+      t = jnp.moveaxis(t, 0, 1)
+      return t.reshape(t.shape[:1] + (extent,) + t.shape[3:])
+
+    sliced = [i for i, p in enumerate(parts) if p.shape[1] == extent and extent > 1]
+
+    def one(chunk):
+      chunk_parts, chunk_carry = chunk
+      ps = list(parts)
+      for i, p in zip(sliced, chunk_parts):
+        ps[i] = p
+      return self.apply(params, ps, chunk_carry)
+
+    out = jax.lax.map(one, ([split(parts[i]) for i in sliced], split(carry)))
+    return jax.tree_util.tree_map(merge, out)
 
 
 def stateful(input_size: int, msg_size: int, hidden: int, has_update: bool) -> AgentNet:

@@ -128,7 +128,7 @@ class LearnedRule:
       stats["in_mean"] = means
       stats["in_scale"] = jnp.where(stds < MIN_STD, 1.0, 1.0 / jnp.maximum(stds, MIN_STD))
     parts = [(v - stats["in_mean"][i]) * stats["in_scale"][i] for i, v in enumerate(values)]
-    update, msg, new_carry = net.apply(params, parts, carry)
+    update, msg, new_carry = net.apply_in_chunks(params, parts, carry)
     delta = None
     if update is not None:
       u = jnp.mean(update, axis=0)
