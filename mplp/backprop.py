@@ -25,7 +25,6 @@ class BackpropRule:
   """SGD with `learning_rate` expressed as MPLP agents (message size 1, no carry)."""
   learning_rate: float = 0.1
   reduce = "sum"  # backprop sums the weight agents' messages over fan-out
-  message_size = 1
 
   def carry_sizes(self, layer):
     return {k: 0 for k in layer.kinds}

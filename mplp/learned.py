@@ -69,10 +69,6 @@ class LearnedRule:
       raise ValueError(f"LearnedRule.shared: unknown agent kinds {bad}; allowed: {list(SHAREABLE)}")
     object.__setattr__(self, "shared", tuple(self.shared))
 
-  @property
-  def message_size(self) -> int:
-    return self.msg_size
-
   def agent_net(self, layer, kind: str) -> agents.AgentNet:
     entries = layer.entries[kind]
     width = sum(self.msg_size if e == "message" else 1 for e in entries)
