@@ -31,6 +31,7 @@ broadcast, rather than through a [B, I, O, X] concatenation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -156,8 +157,9 @@ class AgentNet:
     if len(shape) < 2 or total <= max_agents:
       return self.apply(params, parts, carry)
     extent = shape[1]
-    n = next(d for d in range(2, extent + 1) if extent % d == 0 and total // d <= max_agents
-             or d == extent)
+    # The fewest slices that divide axis 1 evenly and hold at most max_agents each.
+    n = next(d for d in range(2, extent + 1)
+             if d == extent or (extent % d == 0 and total // d <= max_agents))
 
     def split(t):  # [B, E, ...] -> [n, B, E / n, ...]
       t = t.reshape(t.shape[:1] + (n, extent // n) + t.shape[2:])
@@ -214,8 +216,10 @@ def stateless(input_size: int, msg_size: int, has_update: bool) -> AgentNet:
   return AgentNet(input_size, msg_size, 0, has_update, t.init, t.apply)
 
 
+@functools.lru_cache(maxsize=None)
 def make(kind: str, input_size: int, msg_size: int, hidden: int, has_update: bool) -> AgentNet:
-  """An agent network by family name: 'stateful' or 'stateless'."""
+  """An agent network by family name: 'stateful' or 'stateless' (built once per
+  signature: layers ask for it at every trace)."""
   if kind == "stateful":
     return stateful(input_size, msg_size, hidden, has_update)
   if kind == "stateless":

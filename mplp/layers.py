@@ -79,7 +79,6 @@ class Dense:
   def backward(self, rule, meta, index: int, state: State, memory, msg: Array):
     """msg: [B, O, M] -> (new state, message [B, I, M], statistics used per kind)."""
     b, w, x, xw = state["b"], state["w"], memory["x"], memory["xw"]
-    batch, n_in = x.shape
     # Inputs stay unbroadcast ([1, O, 1] for the bias values); agents broadcast them.
     bias_in = {"message": msg, "value": _ch(b[None]), "input": _ch(xw)}
     db, b_msg, b_carry, b_stats = rule.run(meta, index, self, "bias", bias_in, state["b_carry"])

@@ -7,23 +7,27 @@ import pytest
 from mplp import Activation, CrossEntropy, Dense, L2, LearnedRule, Network, Softmax, presets
 
 
+def _fresh(net, batch):
+  return net.init_meta(jax.random.PRNGKey(0)), net.init(jax.random.PRNGKey(1), batch)
+
+
 def test_input_width_mismatch():
   net = presets.sinusoid_5x10()
-  meta, state = net.init_meta(jax.random.PRNGKey(0)), net.init(jax.random.PRNGKey(1), 10)
+  meta, state = _fresh(net, 10)
   with pytest.raises(ValueError, match=r"input x has shape \(10, 3\) but layer 0 \(Dense\) takes \[batch, 1\]"):
     net.inner_step(meta, state, jnp.zeros((10, 3)), jnp.zeros((10, 1)))
 
 
 def test_batch_mismatch():
   net = presets.sinusoid_5x10()
-  meta, state = net.init_meta(jax.random.PRNGKey(0)), net.init(jax.random.PRNGKey(1), 10)
+  meta, state = _fresh(net, 10)
   with pytest.raises(ValueError, match=r"batch 4 but the inner state was made for batch 10"):
     net.inner_step(meta, state, jnp.zeros((4, 1)), jnp.zeros((4, 1)))
 
 
 def test_target_mismatch():
   net = presets.mnist_20x8()
-  meta, state = net.init_meta(jax.random.PRNGKey(0)), net.init(jax.random.PRNGKey(1), 8)
+  meta, state = _fresh(net, 8)
   with pytest.raises(ValueError, match=r"targets y have shape \(8, 3\) but the loss \(layer 4, CrossEntropy\) expects \[8, 10\]"):
     net.inner_step(meta, state, jnp.zeros((8, 144)), jnp.zeros((8, 3)))
 

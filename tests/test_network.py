@@ -81,7 +81,6 @@ def test_meta_gradient_matches_finite_differences(family):
   with jax.enable_x64(True):
     to64 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)
     meta = to64(net.init_meta(jax.random.PRNGKey(0)))
-    meta = meta._replace(params=jax.tree_util.tree_map(lambda a: a * 1.0, meta.params))
     # A larger output scale so that the unroll depends strongly on the meta-parameters.
     meta = meta._replace(params={**meta.params, "layers": tuple(
         {k: {**v, "out_scale": jnp.asarray(0.2)} if "out_scale" in v else v for k, v in l.items()}
@@ -137,8 +136,7 @@ def test_minibatch_init_measures_the_current_tensors():
   np.testing.assert_allclose(s[3]["loss"]["in_mean"][0], jnp.mean(0.5 * (ys[0] - pred) ** 2), rtol=1e-5)
   np.testing.assert_allclose(s[3]["loss"]["in_mean"][2], jnp.mean(ys[0]), rtol=1e-5)
   # The centring constant is used at once: the measured step's weight deltas average to 0.
-  measuring = dataclasses.replace(net, rule=dataclasses.replace(net.rule, measure=True))
-  after, _ = measuring.inner_step(meta, state, x, ys[0])
+  after = _measured_step(net, meta, state, xs, ys)
   delta = after[0]["w"] - state[0]["w"]
   assert float(jnp.abs(delta).max()) > 1e-6
   np.testing.assert_allclose(float(jnp.mean(delta)), 0.0, atol=1e-9)
@@ -147,9 +145,10 @@ def test_minibatch_init_measures_the_current_tensors():
   two = minibatch_init.measure(net, meta, state, xs2, ys2).stats
   one_a = minibatch_init.measure(net, meta, state, xs2[:1], ys2[:1]).stats
   np.testing.assert_allclose(two[0]["weight"]["in_mean"][1] * 2 - one_a[0]["weight"]["in_mean"][1],
-                             jnp.mean(after_step(net, meta, state, xs2, ys2)[0]["w"]), rtol=1e-4)
+                             jnp.mean(_measured_step(net, meta, state, xs2, ys2)[0]["w"]), rtol=1e-4)
 
 
-def after_step(net, meta, state, xs, ys):
+def _measured_step(net, meta, state, xs, ys):
+  """The state after one inner step in measuring mode on the first batch."""
   measuring = dataclasses.replace(net, rule=dataclasses.replace(net.rule, measure=True))
   return measuring.inner_step(meta, state, xs[0], ys[0])[0]
