@@ -99,6 +99,13 @@ class Network:
     """The (W, b) pairs of the Dense layers."""
     return tuple((state[i]["w"], state[i]["b"]) for i in self.dense_layers)
 
+  def with_weights(self, state: InnerState, weights) -> InnerState:
+    """`state` with the Dense layers' (W, b) replaced by `weights` (carries kept)."""
+    state = list(state)
+    for i, (w, b) in zip(self.dense_layers, weights):
+      state[i] = {**state[i], "w": w, "b": b}
+    return tuple(state)
+
   def _check(self, state, x, y=None):
     batch = state[0]["w_carry"].shape[0] if isinstance(self.layers[0], Dense) else state[0]["carry"].shape[0]
     if x.ndim != 2 or x.shape[1] != self.input_size:

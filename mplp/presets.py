@@ -1,12 +1,14 @@
 """The networks and rules of the three published experiments.
 
-Each preset returns a `Network` (inner architecture + rule) for a given inner batch
-size; the task and outer-loop settings live with the meta-training configs.
+Each preset returns a `Network` (inner architecture + rule); the task and outer-loop
+settings live with the meta-training configs (`experiments/*.toml`). The hidden widths
+and the activation may be changed (e.g. a step activation, or a bigger network for a
+transfer experiment); the defaults are the published ones.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Sequence
 
 from mplp.layers import Activation, Dense, Softmax
 from mplp.learned import LearnedRule
@@ -14,23 +16,32 @@ from mplp.losses import CrossEntropy, L2
 from mplp.network import Network
 
 
-def sinusoid_5x10(activation: str = "relu") -> Network:
+def _mlp(hidden: Sequence[int], outputs: int, activation: str):
+  layers = []
+  for width in hidden:
+    layers += [Dense(int(width)), Activation(activation)]
+  return layers + [Dense(outputs)]
+
+
+def sinusoid_5x10(activation: str = "relu", hidden: Sequence[int] = (20, 20),
+                  input_size: int = 1, outputs: int = 1) -> Network:
   """1-20-20-1 relu, L2; stateful agents, M = 8, hidden 15, per-layer networks."""
-  layers = (Dense(20), Activation(activation), Dense(20), Activation(activation), Dense(1), L2())
-  return Network(1, layers, LearnedRule("stateful", msg_size=8, hidden=15))
+  layers = (*_mlp(hidden, outputs, activation), L2())
+  return Network(input_size, layers, LearnedRule("stateful", msg_size=8, hidden=15))
 
 
-def maml_sinusoid_2x10(activation: str = "relu") -> Network:
+def maml_sinusoid_2x10(activation: str = "relu", hidden: Sequence[int] = (20, 20),
+                       input_size: int = 1, outputs: int = 1) -> Network:
   """1-20-20-1 relu, L2; stateless agents, M = 8 (used with a learned initialization)."""
-  layers = (Dense(20), Activation(activation), Dense(20), Activation(activation), Dense(1), L2())
-  return Network(1, layers, LearnedRule("stateless", msg_size=8))
+  layers = (*_mlp(hidden, outputs, activation), L2())
+  return Network(input_size, layers, LearnedRule("stateless", msg_size=8))
 
 
-def mnist_20x8(input_size: int = 144, hidden_units: int = 50, activation: str = "sigmoid",
-               classes: int = 10) -> Network:
+def mnist_20x8(activation: str = "sigmoid", hidden: Sequence[int] = (50,),
+               input_size: int = 144, outputs: int = 10) -> Network:
   """144-50-10 sigmoid, softmax, cross-entropy; stateful agents, M = 4, hidden 7, one
-  weight network and one bias network shared by both dense layers."""
-  layers = (Dense(hidden_units), Activation(activation), Dense(classes), Softmax(), CrossEntropy())
+  weight network and one bias network shared by all dense layers."""
+  layers = (*_mlp(hidden, outputs, activation), Softmax(), CrossEntropy())
   rule = LearnedRule("stateful", msg_size=4, hidden=7, shared=("weight", "bias"))
   return Network(input_size, layers, rule)
 

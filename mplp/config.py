@@ -1,0 +1,267 @@
+"""Experiment configs: a TOML file of four sections, validated before any work starts.
+
+    [network]  preset, activation, hidden
+    [task]     name, inner_steps, batch_size, eval_size, ... (which data, how sampled)
+    [meta]     the outer loop: outer batch, optimizer, loss weights, learned init, pool
+    [run]      steps, seed, logging and checkpoint cadence, final evaluation
+
+`load(name_or_path, overrides)` returns a frozen `Config`; an unknown key, a wrong type
+or a value out of range raises `ConfigError` naming the key and what is allowed.
+`build(config)` makes the task, the network and the `MetaTrainer` it describes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Dict, Sequence, Tuple
+
+from mplp import datasets, presets
+from mplp.layers import ACTIVATIONS
+
+
+class ConfigError(ValueError):
+  """A config key, type or value that is not allowed."""
+
+
+def _f(default, *, choices=None, lo=None, hi=None, lo_open=False, doc=""):
+  return dataclasses.field(default=default, metadata=dict(choices=choices, lo=lo, hi=hi,
+                                                          lo_open=lo_open, doc=doc))
+
+
+TASKS = ("sinusoid", "digits", "npz") + datasets.TFDS_IMAGE_SETS
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkConfig:
+  preset: str = _f("sinusoid_5x10", choices=tuple(presets.PRESETS), doc="architecture and rule")
+  activation: str = _f("relu", choices=tuple(ACTIVATIONS))
+  hidden: Tuple[int, ...] = _f((20, 20), lo=1, doc="hidden layer widths")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  name: str = _f("sinusoid", choices=TASKS)
+  inner_steps: int = _f(5, lo=1)
+  batch_size: int = _f(10, lo=1)
+  eval_size: int = _f(100, lo=1, doc="held-out examples per task")
+  image_size: int = _f(12, lo=4, hi=28, doc="mnist/fashion_mnist: resize to this (28 = original)")
+  permute_classes: bool = _f(False)
+  path: str = _f("", doc="npz: the file")
+  data_dir: str = _f("", doc="mnist/fashion_mnist: prepared tfds directory")
+  split_seed: int = _f(0, lo=0, doc="digits/npz: train/test split")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaConfig:
+  outer_batch: int = _f(4, lo=1)
+  optimizer: str = _f("adam", choices=("adam", "adamw", "rmsprop", "sgd"))
+  learning_rate: float = _f(1e-4, lo=0.0, lo_open=True)
+  lr_drop_step: int = _f(0, lo=0, doc="0: constant learning rate")
+  lr_after_drop: float = _f(1e-4, lo=0.0, lo_open=True)
+  per_tensor_norm: bool = _f(True, doc="g / (||g|| + 1e-8) per tensor (the paper's)")
+  clip_global_norm: float = _f(0.0, lo=0.0, doc="0: off")
+  hint_weight: float = _f(0.7, lo=0.0)
+  heldout_weight: float = _f(0.3, lo=0.0)
+  remember_weight: float = _f(0.0, lo=0.0)
+  update_l2_weight: float = _f(0.0, lo=0.0)
+  learn_init: bool = _f(False, doc="meta-train the initial inner weights (MAML-style)")
+  pool_size: int = _f(128, lo=0, doc="pre-sampled initial networks (0: fresh per task)")
+  remat: bool = _f(True, doc="recompute inner steps in the backward pass")
+  max_bad_steps: int = _f(20, lo=1, doc="stop after this many consecutive non-finite steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  steps: int = _f(1000, lo=0)
+  seed: int = _f(0, lo=0)
+  log_every: int = _f(10, lo=1)
+  checkpoint_every: int = _f(100, lo=1)
+  keep_checkpoints: int = _f(3, lo=1)
+  eval_tasks: int = _f(100, lo=0, doc="final comparison with SGD and Adam (0: skip)")
+  tune_tasks: int = _f(20, lo=1, doc="tasks for tuning the SGD/Adam learning rates")
+  wandb_project: str = _f("mplp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  network: NetworkConfig = NetworkConfig()
+  task: TaskConfig = TaskConfig()
+  meta: MetaConfig = MetaConfig()
+  run: RunConfig = RunConfig()
+
+  def to_dict(self) -> Dict[str, Dict[str, Any]]:
+    return {s.name: {k: list(v) if isinstance(v, tuple) else v
+                     for k, v in dataclasses.asdict(getattr(self, s.name)).items()}
+            for s in dataclasses.fields(self)}
+
+  def flat(self) -> Dict[str, Any]:
+    return {f"{s}.{k}": v for s, d in self.to_dict().items() for k, v in d.items()}
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_CLS = {"network": NetworkConfig, "task": TaskConfig, "meta": MetaConfig, "run": RunConfig}
+
+
+def _check_value(key: str, field: dataclasses.Field, value):
+  """Type- and range-check one value; returns it converted (int -> float, list -> tuple)."""
+  default, meta = field.default, field.metadata
+  kind = type(default)
+  if kind is tuple:
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value):
+      raise ConfigError(f"{key}: expected a list of ints, got {value!r}")
+    value = tuple(value)
+    items = value
+  elif kind is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    items = ()
+  elif kind is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    items = (value,)
+  elif kind is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    value = float(value)
+    items = (value,)
+  else:
+    if not isinstance(value, str):
+      raise ConfigError(f"{key}: expected a string, got {value!r}")
+    items = ()
+  if meta["choices"] is not None and value not in meta["choices"]:
+    raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {list(meta['choices'])}")
+  for v in items:
+    lo, hi = meta["lo"], meta["hi"]
+    if lo is not None and (v < lo or (meta["lo_open"] and v == lo)):
+      raise ConfigError(f"{key}: {v!r} is out of range; must be {'>' if meta['lo_open'] else '>='} {lo}"
+                        + (f" and <= {hi}" if hi is not None else ""))
+    if hi is not None and v > hi:
+      raise ConfigError(f"{key}: {v!r} is out of range; must be <= {hi}")
+  return value
+
+
+def from_dict(raw: Dict[str, Any]) -> Config:
+  """A validated `Config` from nested dicts (missing keys take their defaults)."""
+  if not isinstance(raw, dict):
+    raise ConfigError(f"config must be a table of sections {list(SECTIONS)}")
+  unknown = [s for s in raw if s not in SECTIONS]
+  if unknown:
+    raise ConfigError(f"unknown config section(s) {unknown}; allowed: {list(SECTIONS)}")
+  sections = {}
+  for name, cls in _SECTION_CLS.items():
+    values = raw.get(name, {})
+    if not isinstance(values, dict):
+      raise ConfigError(f"[{name}] must be a table of keys, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    bad = [k for k in values if k not in fields]
+    if bad:
+      raise ConfigError(f"unknown key(s) {[f'{name}.{k}' for k in bad]}; allowed in [{name}]: {list(fields)}")
+    sections[name] = cls(**{k: _check_value(f"{name}.{k}", fields[k], v) for k, v in values.items()})
+  config = Config(**sections)
+  _check_consistency(config)
+  return config
+
+
+def _check_consistency(c: Config):
+  if c.task.name == "npz" and not c.task.path:
+    raise ConfigError("task.path: task.name = 'npz' needs the path of a .npz file (arrays x, y)")
+  if c.task.name == "sinusoid" and c.network.preset == "mnist_20x8":
+    raise ConfigError("network.preset: 'mnist_20x8' is a classifier; task.name = 'sinusoid' needs "
+                      "'sinusoid_5x10' or 'maml_sinusoid_2x10'")
+  if c.task.name != "sinusoid" and c.network.preset != "mnist_20x8":
+    raise ConfigError(f"network.preset: task.name = {c.task.name!r} is classification and needs "
+                      f"'mnist_20x8' (softmax + cross-entropy), got {c.network.preset!r}")
+  if c.meta.learn_init and c.meta.pool_size:
+    raise ConfigError("meta.pool_size: must be 0 when meta.learn_init = true (tasks start from "
+                      "the learned initialization, not from a pool)")
+
+
+def _parse_override(item: str):
+  if "=" not in item:
+    raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. meta.learning_rate=1e-3")
+  key, text = item.split("=", 1)
+  key = key.strip()
+  if key.count(".") != 1:
+    raise ConfigError(f"--set {item!r}: the key must be section.key with a section in {list(SECTIONS)}")
+  try:
+    value = tomllib.loads(f"v = {text}")["v"]
+  except tomllib.TOMLDecodeError:
+    value = text  # a bare string such as task.name=digits
+  return key, value
+
+
+def experiment_path(name_or_path: str) -> Path:
+  """`experiments/NAME.toml` (next to the working directory or the installed package) or
+  an existing file path."""
+  p = Path(name_or_path)
+  if p.suffix == ".toml" or os.sep in name_or_path:
+    if not p.is_file():
+      raise ConfigError(f"experiment config {name_or_path!r} does not exist")
+    return p
+  roots = [Path.cwd() / "experiments", Path(__file__).resolve().parent.parent / "experiments"]
+  for root in roots:
+    if (root / f"{name_or_path}.toml").is_file():
+      return root / f"{name_or_path}.toml"
+  known = sorted({q.stem for r in roots if r.is_dir() for q in r.glob("*.toml")})
+  raise ConfigError(f"unknown experiment {name_or_path!r}; known: {known} (or give a path to a .toml)")
+
+
+def load(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
+  """Read an experiment config and apply `section.key=value` overrides."""
+  path = experiment_path(name_or_path)
+  try:
+    raw = tomllib.loads(path.read_text())
+  except tomllib.TOMLDecodeError as e:
+    raise ConfigError(f"{path}: not valid TOML ({e})") from None
+  for item in overrides:
+    key, value = _parse_override(item)
+    section, name = key.split(".")
+    if section not in SECTIONS:
+      raise ConfigError(f"--set {item!r}: unknown section {section!r}; allowed: {list(SECTIONS)}")
+    raw.setdefault(section, {})[name] = value
+  return from_dict(raw)
+
+
+def load_json(path) -> Config:
+  return from_dict(json.loads(Path(path).read_text()))
+
+
+def build_task(c: Config):
+  """The task the config describes (loads data; may raise DataUnavailableError)."""
+  import jax.numpy as jnp
+  from mplp.tasks import Classification, Sinusoid
+  t = c.task
+  if t.name == "sinusoid":
+    return Sinusoid()
+  if t.name == "digits":
+    data = datasets.digits(seed=t.split_seed)
+  elif t.name == "npz":
+    data = datasets.npz(t.path, seed=t.split_seed)
+  else:
+    data = datasets.tfds_images(t.name, t.data_dir or None, t.image_size)
+  return Classification(jnp.asarray(data.x_train), jnp.asarray(data.y_train),
+                        jnp.asarray(data.x_test), jnp.asarray(data.y_test),
+                        classes=data.classes, permute_classes=t.permute_classes)
+
+
+def build_network(c: Config, task):
+  return presets.network(c.network.preset, activation=c.network.activation,
+                         hidden=c.network.hidden, input_size=task.input_size,
+                         outputs=task.output_size)
+
+
+def build_trainer(c: Config, network):
+  from mplp.meta_train import MetaTrainer, OuterLoss
+  from mplp.optim import outer_optimizer
+  m = c.meta
+  optimizer = outer_optimizer(m.optimizer, m.learning_rate, m.per_tensor_norm,
+                              m.clip_global_norm, m.lr_drop_step, m.lr_after_drop)
+  loss = OuterLoss(m.hint_weight, m.heldout_weight, m.remember_weight, m.update_l2_weight)
+  return MetaTrainer(network, optimizer, c.task.inner_steps, c.task.batch_size, c.task.eval_size,
+                     m.outer_batch, loss, m.learn_init, m.pool_size, m.remat)

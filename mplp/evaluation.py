@@ -1,0 +1,115 @@
+"""Held-out curves of a learned rule and of optax optimizers on the same tasks.
+
+For N task keys every method sees the same tasks, initial weights and inner batches
+(`MetaTrainer.task_start`). A curve is the held-out metric before learning and after
+each of the T inner steps: `loss` [N, T + 1] and, for classification, `accuracy`.
+SGD and Adam get their learning rate tuned on separate tuning tasks over a grid (the
+whole grid runs as one `vmap`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mplp.learned import MetaParams
+
+LR_GRIDS = {
+    "sgd": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+    "adam": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3),
+}
+OPTAX = {"sgd": optax.sgd, "adam": optax.adam}
+
+
+def _held_out(net, task, state, sample):
+  out = {"loss": net.loss(state, sample.x_eval, sample.y_eval)}
+  if task.kind == "classification":
+    pred = net.forward(state, sample.x_eval)
+    out["accuracy"] = jnp.mean(jnp.argmax(pred, -1) == jnp.argmax(sample.y_eval, -1))
+  return out
+
+
+def _with_start(first, rest):
+  return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
+
+
+def rule_curves(trainer, trainable, stats, pool, task, keys) -> Dict[str, jax.Array]:
+  """The learned rule: {metric: [N, T + 1]}."""
+  net = trainer.network
+  meta = MetaParams(trainable["rule"], stats)
+
+  def one(key):
+    sample, state0 = trainer.task_start(trainable, pool, key, task)
+    def body(s, batch):
+      s, _ = net.inner_step(meta, s, *batch)
+      return s, _held_out(net, task, s, sample)
+    _, after = jax.lax.scan(body, state0, (sample.xs, sample.ys))
+    return _with_start(_held_out(net, task, state0, sample), after)
+  return jax.vmap(one)(keys)
+
+
+def optax_curves(trainer, trainable, pool, task, keys, make_opt: Callable, lrs) -> Dict[str, jax.Array]:
+  """An optax optimizer on the network's weights by true gradients:
+  {metric: [L, N, T + 1]} for each learning rate in `lrs` [L]."""
+  net = trainer.network
+
+  def one(lr, key):
+    sample, state0 = trainer.task_start(trainable, pool, key, task)
+    opt = make_opt(lr)
+    loss = lambda w, x, y: net.loss(net.with_weights(state0, w), x, y)
+    w0 = net.weights(state0)
+    def body(carry, batch):
+      w, opt_state = carry
+      g = jax.grad(loss)(w, *batch)
+      updates, opt_state = opt.update(g, opt_state, w)
+      w = optax.apply_updates(w, updates)
+      return (w, opt_state), _held_out(net, task, net.with_weights(state0, w), sample)
+    _, after = jax.lax.scan(body, (w0, opt.init(w0)), (sample.xs, sample.ys))
+    return _with_start(_held_out(net, task, state0, sample), after)
+  return jax.vmap(lambda lr: jax.vmap(lambda k: one(lr, k))(keys))(jnp.asarray(lrs, jnp.float32))
+
+
+def _final_score(curves, kind):
+  """Mean final held-out metric per learning rate, as a loss (lower is better)."""
+  if kind == "classification":
+    score = -jnp.mean(curves["accuracy"][..., -1], axis=-1)
+  else:
+    score = jnp.mean(curves["loss"][..., -1], axis=-1)
+  return jnp.where(jnp.isfinite(score), score, jnp.inf)
+
+
+def summarize(curve) -> Dict[str, list]:
+  """[N, T + 1] -> per-step mean, sd and 95% interval half-width of the mean."""
+  c = np.asarray(curve, np.float64)
+  sd = c.std(axis=0, ddof=1) if len(c) > 1 else np.zeros(c.shape[1])
+  return {"mean": c.mean(0).tolist(), "sd": sd.tolist(), "ci95": (1.96 * sd / np.sqrt(len(c))).tolist()}
+
+
+def compare(trainer, state, task, key, n_tasks: int, tune_tasks: int,
+            optimizers: Sequence[str] = ("sgd", "adam")) -> Dict:
+  """The rule vs tuned optax optimizers on `n_tasks` fresh tasks.
+
+  Returns {"methods": {name: {metric: summary}}, "learning_rates": {opt: chosen},
+  "grids": {opt: grid}, "tasks": n_tasks}.
+  """
+  k_eval, k_tune = jax.random.split(key)
+  eval_keys = jax.random.split(k_eval, n_tasks)
+  tune_keys = jax.random.split(k_tune, tune_tasks)
+  curves = jax.jit(lambda keys: rule_curves(trainer, state.trainable, state.stats, state.pool, task, keys))(eval_keys)
+  methods = {"mplp": {m: summarize(c) for m, c in curves.items()}}
+  chosen = {}
+  for name in optimizers:
+    grid = LR_GRIDS[name]
+    run = jax.jit(lambda keys, lrs, name=name: optax_curves(
+        trainer, state.trainable, state.pool, task, keys, OPTAX[name], lrs))
+    scores = _final_score(run(tune_keys, grid), task.kind)
+    lr = grid[int(jnp.argmin(scores))]
+    chosen[name] = lr
+    best = jax.tree_util.tree_map(lambda a: a[0], run(eval_keys, (lr,)))
+    methods[f"{name}(lr={lr:g})"] = {m: summarize(c) for m, c in best.items()}
+  return {"methods": methods, "learning_rates": chosen, "grids": {n: list(LR_GRIDS[n]) for n in optimizers},
+          "tasks": n_tasks, "tune_tasks": tune_tasks}

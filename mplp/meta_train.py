@@ -1,0 +1,170 @@
+"""Meta-training: the outer loss over an outer batch of tasks and one pure `step`.
+
+`MetaTrainer` is static configuration; `TrainState` is everything that changes (and
+everything a checkpoint holds). `trainer.step(state, task) -> (state, metrics)` is pure:
+`jax.jit` it once and call it in a host loop (see `mplp.train`).
+
+Per task (`task_loss`): sample the task, take the initial inner weights (a draw from the
+pool of pre-sampled networks, or the learned initialization), unroll T inner steps with
+`lax.scan`, and mix
+  hint     * mean_t loss(theta_{t+1}; batch_t)      (after each step, on that step's batch)
+  heldout  * loss(theta_T; held-out batch)          (after the last step)
+  remember * mean_t loss(theta_T; batch_t)          (optional)
+  update_l2 * mean_t ||theta_{t+1} - theta_t||^2    (optional).
+A step whose loss or meta-gradient is not finite leaves parameters and optimizer state
+untouched; it is counted in `bad_steps` (consecutive) and `skipped` (total).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mplp import minibatch_init
+from mplp.learned import MetaParams
+from mplp.network import Network
+
+
+@dataclasses.dataclass(frozen=True)
+class OuterLoss:
+  """Weights of the outer-loss terms (the paper: hint 0.7, held-out 0.3)."""
+  hint: float = 0.7
+  heldout: float = 0.3
+  remember: float = 0.0
+  update_l2: float = 0.0
+
+
+class TrainState(NamedTuple):
+  step: jax.Array       # [] int32, meta-steps taken
+  rng: jax.Array        # [2] uint32, base key; step t uses fold_in(rng, t)
+  trainable: Any        # {"rule": rule params, "init": ((W [I, O], b [O]), ...) or ()}
+  stats: Any            # standardization statistics (fixed, see mplp.minibatch_init)
+  opt_state: Any        # outer optimizer state
+  pool: Any             # ((W [P, I, O], b [P, O]), ...) initial inner networks, or ()
+  bad_steps: jax.Array  # [] int32, consecutive skipped (non-finite) steps
+  skipped: jax.Array    # [] int32, all skipped steps
+
+
+def _sq_distance(network, a, b):
+  return sum(jnp.sum((wa - wb) ** 2) + jnp.sum((ba - bb) ** 2)
+             for (wa, ba), (wb, bb) in zip(network.weights(a), network.weights(b)))
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaTrainer:
+  """Attributes:
+    network: the inner network with its learned rule.
+    optimizer: the outer optax optimizer.
+    inner_steps: T; batch_size: B (inner batch); eval_size: held-out examples per task.
+    outer_batch: tasks per meta-step.
+    loss: outer-loss weights.
+    learn_init: meta-train the initial inner weights too (MAML-style).
+    pool_size: number of pre-sampled initial networks (0: a fresh draw per task).
+    remat: recompute each inner step in the backward pass (less memory, more compute).
+  """
+  network: Network
+  optimizer: optax.GradientTransformation
+  inner_steps: int = 5
+  batch_size: int = 10
+  eval_size: int = 100
+  outer_batch: int = 4
+  loss: OuterLoss = OuterLoss()
+  learn_init: bool = False
+  pool_size: int = 128
+  remat: bool = False
+
+  def init(self, key, task) -> TrainState:
+    """Fresh meta-parameters, learned init and pool; statistics measured on one task."""
+    k_meta, k_pool, k_init, k_task, k_net, k_rng = jax.random.split(key, 6)
+    net = self.network
+    meta = net.init_meta(k_meta)
+    pool = ()
+    if self.pool_size > 0:
+      draw = lambda k: net.weights(net.init(k, 1))
+      pool = jax.vmap(draw)(jax.random.split(k_pool, self.pool_size))
+    init = net.weights(net.init(k_init, 1)) if self.learn_init else ()
+    sample = task.sample(k_task, self.inner_steps, self.batch_size, self.eval_size)
+    first = init if self.learn_init else (jax.tree_util.tree_map(lambda a: a[0], pool) if pool else None)
+    meta = minibatch_init.measure(net, meta, net.init(k_net, self.batch_size, weights=first or None),
+                                  sample.xs, sample.ys)
+    trainable = {"rule": meta.params, "init": init}
+    zero = jnp.zeros([], jnp.int32)
+    return TrainState(zero, k_rng, trainable, meta.stats, self.optimizer.init(trainable),
+                      pool, zero, zero)
+
+  def initial_weights(self, trainable, pool, key):
+    """The inner network a task starts from: learned init, a pool draw, or fresh."""
+    if self.learn_init:
+      return trainable["init"]
+    if self.pool_size > 0:
+      i = jax.random.randint(key, (), 0, self.pool_size)
+      return jax.tree_util.tree_map(lambda a: a[i], pool)
+    return self.network.weights(self.network.init(key, 1))
+
+  def task_start(self, trainable, pool, key, task):
+    """One task's data and starting inner state: (TaskSample, state). The same key
+    gives the same task, batches and initial weights (used by every method compared)."""
+    k_task, k_init = jax.random.split(key)
+    sample = task.sample(k_task, self.inner_steps, self.batch_size, self.eval_size)
+    weights = self.initial_weights(trainable, pool, k_init)
+    return sample, self.network.init(k_init, self.batch_size, weights=weights)
+
+  def task_loss(self, trainable, stats, pool, key, task):
+    """Outer loss of one task and its metrics (scalars)."""
+    net = self.network
+    sample, state0 = self.task_start(trainable, pool, key, task)
+    meta = MetaParams(trainable["rule"], stats)
+
+    def body(state, batch):
+      x, y = batch
+      new, metrics = net.inner_step(meta, state, x, y)
+      return new, (metrics["loss"], net.loss(new, x, y), _sq_distance(net, new, state))
+
+    if self.remat:
+      body = jax.checkpoint(body)
+    final, (before, hint, moved) = jax.lax.scan(body, state0, (sample.xs, sample.ys))
+    heldout = net.loss(final, sample.x_eval, sample.y_eval)
+    total = self.loss.hint * jnp.mean(hint) + self.loss.heldout * heldout
+    metrics = {"heldout": heldout, "heldout_before": net.loss(state0, sample.x_eval, sample.y_eval),
+               "hint": jnp.mean(hint), "first_batch_loss": before[0], "update_sq": jnp.mean(moved)}
+    if self.loss.remember:
+      remember = jnp.mean(jax.vmap(lambda x, y: net.loss(final, x, y))(sample.xs, sample.ys))
+      total += self.loss.remember * remember
+      metrics["remember"] = remember
+    if self.loss.update_l2:
+      total += self.loss.update_l2 * jnp.mean(moved)
+    if task.kind == "classification":
+      pred = net.forward(final, sample.x_eval)
+      metrics["heldout_accuracy"] = jnp.mean(jnp.argmax(pred, -1) == jnp.argmax(sample.y_eval, -1))
+    return total, metrics
+
+  def outer_loss(self, trainable, stats, pool, key, task):
+    """Mean outer loss over `outer_batch` tasks (vmapped) and mean metrics."""
+    keys = jax.random.split(key, self.outer_batch)
+    losses, metrics = jax.vmap(self.task_loss, in_axes=(None, None, None, 0, None))(
+        trainable, stats, pool, keys, task)
+    return jnp.mean(losses), jax.tree_util.tree_map(jnp.mean, metrics)
+
+  def step(self, state: TrainState, task):
+    """One meta-step: (state, task) -> (new state, metrics). Pure; jit it."""
+    key = jax.random.fold_in(state.rng, state.step)
+    (loss, metrics), grads = jax.value_and_grad(self.outer_loss, has_aux=True)(
+        state.trainable, state.stats, state.pool, key, task)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new = state._replace(
+        step=state.step + 1,
+        trainable=keep(trainable, state.trainable),
+        opt_state=keep(opt_state, state.opt_state),
+        bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
+        skipped=state.skipped + (~ok).astype(jnp.int32))
+    metrics = {"meta_loss": loss, **metrics, "grad_norm": grad_norm,
+               "skipped": new.skipped, "finite": ok}
+    return new, metrics

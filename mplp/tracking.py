@@ -1,0 +1,111 @@
+"""Where metrics go: `DIR/metrics.jsonl` (always) and Weights & Biases (when asked).
+
+`MetricsLog` appends one JSON line per logged step and flushes it, so a killed run keeps
+every line it logged; `truncate_after(step)` drops lines past a checkpoint when a run is
+resumed (the file is rewritten atomically). `start_wandb` opens the real wandb client:
+'offline' writes a syncable run under DIR/wandb with no network; 'online' checks for an
+API key and a reachable server first (seconds) and falls back to offline with a warning
+instead of hanging; 'disabled' does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional
+from urllib.parse import urlparse
+
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+def _jsonable(v):
+  v = float(v) if not isinstance(v, (int, float, str, bool)) else v
+  return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class MetricsLog:
+  """Append-only `metrics.jsonl`: one `{"step": t, name: value, ...}` per line."""
+
+  def __init__(self, path):
+    self.path = Path(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._file = open(self.path, "a")
+
+  def write(self, step: int, metrics: Dict[str, Any]):
+    self._file.write(json.dumps({"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}) + "\n")
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+  @staticmethod
+  def truncate_after(path, step: int):
+    """Keep only lines with `step <= step` (a resumed run rewrites the rest)."""
+    path = Path(path)
+    if not path.exists():
+      return
+    kept = []
+    for line in path.read_text().splitlines():
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line)
+      except (json.JSONDecodeError, KeyError, TypeError):
+        break  # a line cut by a kill: everything after it is from after the checkpoint
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in kept))
+    os.replace(tmp, path)
+
+
+def _has_api_key() -> bool:
+  if os.environ.get("WANDB_API_KEY"):
+    return True
+  host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+  try:
+    return netrc.netrc().authenticators(host) is not None
+  except (FileNotFoundError, netrc.NetrcParseError):
+    return False
+
+
+def _reachable(timeout: float = 3.0) -> bool:
+  url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+  try:
+    with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+      return True
+  except OSError:
+    return False
+
+
+def start_wandb(mode: str, out_dir, config: Dict[str, Any], project: str = "mplp",
+                run_id: Optional[str] = None):
+  """A wandb run (or None for 'disabled'). `run_id` resumes the same W&B run."""
+  if mode not in WANDB_MODES:
+    raise ValueError(f"--wandb: {mode!r} is not allowed; allowed: {list(WANDB_MODES)}")
+  if mode == "disabled":
+    return None
+  if mode == "online":
+    why = None if _has_api_key() else "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
+    if why is None and not _reachable():
+      why = "the W&B server is not reachable"
+    if why:
+      warnings.warn(f"--wandb online: {why}; logging offline instead (sync later with "
+                    f"`wandb sync {Path(out_dir) / 'wandb'}`)", stacklevel=2)
+      mode = "offline"
+  import wandb
+  settings = wandb.Settings(init_timeout=30, silent=True, console="off")
+  kwargs = dict(project=project, dir=str(out_dir), config=config, mode=mode, settings=settings)
+  if run_id:
+    kwargs.update(id=run_id, resume="allow")
+  try:
+    return wandb.init(**kwargs)
+  except Exception as e:  # network trouble after the checks: never lose the run over it
+    if mode != "online":
+      raise
+    warnings.warn(f"--wandb online failed ({type(e).__name__}: {e}); logging offline instead",
+                  stacklevel=2)
+    kwargs["mode"] = "offline"
+    return wandb.init(**kwargs)

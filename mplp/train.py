@@ -1,0 +1,169 @@
+"""The meta-training job behind `mplp train`: one jitted meta-step in a host loop that
+logs, checkpoints, resumes, and ends with a comparison against tuned SGD and Adam.
+
+    DIR/config.json       the resolved config (a resumed run must match it)
+    DIR/metrics.jsonl     one line per logged meta-step
+    DIR/checkpoints/      ckpt_XXXXXXXX.npz (see mplp.checkpoint)
+    DIR/final_eval.json   held-out curves of the rule, SGD and Adam (if run.eval_tasks > 0)
+    DIR/wandb/            the W&B run (offline or online mode)
+
+A resumed run restores the exact `TrainState` (meta-parameters, optimizer state,
+statistics, pool, step and RNG key) and rewrites metrics past the checkpoint, so its
+metrics equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import jax
+import numpy as np
+
+from mplp import checkpoint, config as config_lib, evaluation
+from mplp.tasks import Sinusoid, jit_with_task
+from mplp.tracking import MetricsLog, start_wandb
+
+
+class RunError(RuntimeError):
+  """The run cannot start or go on (existing outputs, a mismatched resume, divergence)."""
+
+
+def _write_atomic(path: Path, text: str):
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def _check_resume(saved: config_lib.Config, new: config_lib.Config):
+  a, b = saved.flat(), new.flat()
+  free = {"run.steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints",
+          "run.eval_tasks", "run.tune_tasks", "run.wandb_project"}
+  diff = [f"{k}: {a[k]!r} (saved) vs {b[k]!r}" for k in a if k not in free and a[k] != b[k]]
+  if diff:
+    raise RunError("--resume: the config differs from the saved run's config.json in "
+                   + "; ".join(diff) + " (only run.* cadence and run.steps may change)")
+
+
+def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: str = "disabled",
+          task=None, progress: bool = True, log=print) -> dict:
+  """Meta-train as `cfg` says, writing to `out_dir`.
+
+  Args:
+    task: use this task object instead of the one the config names (Python API: a
+      user's own `Task`).
+    log: where human-readable lines go.
+  Returns:
+    {"state": final TrainState, "final_eval": dict or None, "metrics": last logged}.
+  """
+  out = Path(out_dir)
+  ckpt_dir = out / "checkpoints"
+  cfg_path = out / "config.json"
+  if resume:
+    if not cfg_path.exists():
+      raise RunError(f"--resume: {out} has no config.json; there is no run to resume there")
+    _check_resume(config_lib.load_json(cfg_path), cfg)
+  elif cfg_path.exists() or checkpoint.latest(ckpt_dir) or (out / "metrics.jsonl").exists():
+    raise RunError(f"{out} already holds a run; pass --resume to continue it, or choose "
+                   f"another --out (nothing was changed)")
+  latest = checkpoint.latest(ckpt_dir) if resume else None
+  if latest is not None:
+    checkpoint.read(latest)  # refuse a corrupted file before touching anything
+
+  task = task if task is not None else config_lib.build_task(cfg)
+  network = config_lib.build_network(cfg, task)
+  trainer = config_lib.build_trainer(cfg, network)
+  out.mkdir(parents=True, exist_ok=True)
+  if not resume:
+    _write_atomic(cfg_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+  t0 = time.perf_counter()
+  state = jit_with_task(trainer.init, task)(jax.random.PRNGKey(cfg.run.seed))
+  if latest is not None:
+    state, meta = checkpoint.restore(latest, state)
+    state = jax.tree_util.tree_map(jax.numpy.asarray, state)
+    MetricsLog.truncate_after(out / "metrics.jsonl", meta["step"])
+    log(f"resumed from {latest} (step {meta['step']})")
+  start = int(state.step)
+
+  id_path = out / "wandb_run_id"
+  run_id = id_path.read_text().strip() if id_path.exists() else None
+  if run_id is None and wandb_mode != "disabled":
+    import wandb
+    run_id = wandb.util.generate_id()
+    _write_atomic(id_path, run_id + "\n")
+  wb = start_wandb(wandb_mode, out, cfg.to_dict(), cfg.run.wandb_project, run_id)
+
+  step_fn = jit_with_task(trainer.step, task)
+  metrics_log = MetricsLog(out / "metrics.jsonl")
+  last = {}
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.run.steps, initial=start, desc="meta-train", unit="step",
+               file=sys.stderr, dynamic_ncols=True)
+  try:
+    for t in range(start, cfg.run.steps):
+      state, metrics = step_fn(state)
+      done = t + 1
+      bad = int(state.bad_steps)
+      if done % cfg.run.log_every == 0 or done == cfg.run.steps or t == start or bad:
+        last = {k: float(v) for k, v in metrics.items()}
+        last["wall_s"] = time.perf_counter() - t0
+        metrics_log.write(done, last)
+        if wb is not None:
+          wb.log(last, step=done)
+        if bar is not None:
+          bar.set_postfix(meta_loss=f"{last['meta_loss']:.4g}", heldout=f"{last['heldout']:.4g}")
+      if bar is not None:
+        bar.update(1)
+      if bad >= cfg.meta.max_bad_steps:
+        good = checkpoint.latest(ckpt_dir)
+        raise RunError(
+            f"stopped at meta-step {done}: {bad} consecutive meta-steps had a non-finite loss or "
+            f"meta-gradient (skipped, parameters untouched; meta.max_bad_steps = "
+            f"{cfg.meta.max_bad_steps}). Last good checkpoint: {good or 'none yet'}. Try a lower "
+            f"meta.learning_rate or meta.clip_global_norm.")
+      if done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps:
+        checkpoint.save(ckpt_dir, done, state, {"config": cfg.to_dict(), "seed": cfg.run.seed,
+                                                "rng": np.asarray(state.rng).tolist()},
+                        keep=cfg.run.keep_checkpoints)
+  finally:
+    metrics_log.close()
+    if bar is not None:
+      bar.close()
+
+  final = None
+  if cfg.run.eval_tasks > 0:
+    eval_task = dataclasses.replace(task, eval_grid=True) if isinstance(task, Sinusoid) else task
+    final = evaluation.compare(trainer, state, eval_task, jax.random.PRNGKey(10_000 + cfg.run.seed),
+                               cfg.run.eval_tasks, cfg.run.tune_tasks)
+    _write_atomic(out / "final_eval.json", json.dumps(final, indent=1) + "\n")
+    log(format_comparison(final, task.kind))
+    if wb is not None:
+      wb.summary.update({f"final/{m}/{k}": v["mean"][-1] for m, r in final["methods"].items()
+                         for k, v in r.items()})
+  if wb is not None:
+    wb.finish()
+  return {"state": state, "final_eval": final, "metrics": last}
+
+
+def format_comparison(final: dict, kind: str) -> str:
+  """A plain-text table: held-out metric (mean +- 95% CI) per inner step and method."""
+  metric = "accuracy" if kind == "classification" else "loss"
+  methods = final["methods"]
+  steps = len(next(iter(methods.values()))[metric]["mean"])
+  head = f"held-out {metric} on {final['tasks']} fresh tasks (mean +- 95% CI); step 0 = before learning"
+  cols = list(methods)
+  lines = [head, "step  " + "  ".join(f"{c:>22}" for c in cols)]
+  for t in range(steps):
+    cells = [f"{methods[c][metric]['mean'][t]:.5f} +- {methods[c][metric]['ci95'][t]:.5f}" for c in cols]
+    lines.append(f"{t:4d}  " + "  ".join(f"{c:>22}" for c in cells))
+  lines.append(f"learning rates tuned on {final['tune_tasks']} other tasks over "
+               + ", ".join(f"{k} {v}" for k, v in final["grids"].items()))
+  return "\n".join(lines)
