@@ -88,8 +88,7 @@ def tfds_images(name: str, data_dir: str | None = None, image_size: int = 12) ->
         f"never downloads. On a machine with internet run\n"
         f"    tfds build {name} --data_dir DIR --file_format array_record\n"
         f"then copy DIR here and pass `--set task.data_dir=DIR` (or set TFDS_DATA_DIR). "
-        f"Offline, use task.name = 'digits' (bundled) or 'npz'. ({type(e).__name__}: "
-        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        f"Offline, use task.name = 'digits' (bundled) or 'npz'. (tfds: {type(e).__name__})") from None
   arrays = []
   for source in sources:
     n = len(source)

@@ -154,7 +154,7 @@ class MetaTrainer:
     key = jax.random.fold_in(state.rng, state.step)
     (loss, metrics), grads = jax.value_and_grad(self.outer_loss, has_aux=True)(
         state.trainable, state.stats, state.pool, key, task)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree_utils.tree_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -43,11 +44,11 @@ def _write_atomic(path: Path, text: str):
 def _check_resume(saved: config_lib.Config, new: config_lib.Config):
   a, b = saved.flat(), new.flat()
   free = {"run.steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints",
-          "run.eval_tasks", "run.tune_tasks", "run.wandb_project"}
+          "run.eval_tasks", "run.tune_tasks", "run.wandb_project", "meta.max_bad_steps"}
   diff = [f"{k}: {a[k]!r} (saved) vs {b[k]!r}" for k in a if k not in free and a[k] != b[k]]
   if diff:
     raise RunError("--resume: the config differs from the saved run's config.json in "
-                   + "; ".join(diff) + " (only run.* cadence and run.steps may change)")
+                   + "; ".join(diff) + " (only run.steps, the run.* cadence and meta.max_bad_steps may change)")
 
 
 def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: str = "disabled",
@@ -94,8 +95,7 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
   id_path = out / "wandb_run_id"
   run_id = id_path.read_text().strip() if id_path.exists() else None
   if run_id is None and wandb_mode != "disabled":
-    import wandb
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:8]
     _write_atomic(id_path, run_id + "\n")
   wb = start_wandb(wandb_mode, out, cfg.to_dict(), cfg.run.wandb_project, run_id)
 
@@ -129,7 +129,7 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
             f"meta-gradient (skipped, parameters untouched; meta.max_bad_steps = "
             f"{cfg.meta.max_bad_steps}). Last good checkpoint: {good or 'none yet'}. Try a lower "
             f"meta.learning_rate or meta.clip_global_norm.")
-      if done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps:
+      if (done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps) and not bad:
         checkpoint.save(ckpt_dir, done, state, {"config": cfg.to_dict(), "seed": cfg.run.seed,
                                                 "rng": np.asarray(state.rng).tolist()},
                         keep=cfg.run.keep_checkpoints)

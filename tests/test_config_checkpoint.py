@@ -1,0 +1,98 @@
+"""Configs are validated before any work; checkpoints round-trip exactly and refuse damage."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mplp import checkpoint, config as config_lib
+from mplp.optim import normalize_per_tensor
+
+
+@pytest.mark.parametrize("name", ["sinusoid_5x10", "maml_sinusoid_2x10", "digits_20x8", "mnist_20x8"])
+def test_shipped_experiments_load_and_round_trip(name):
+  cfg = config_lib.load(name)
+  assert config_lib.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("meta.lr=1e-3", r"unknown key\(s\) \['meta.lr'\]; allowed in \[meta\]: \['outer_batch'"),
+    ("meta.outer_batch=abc", r"meta.outer_batch: expected an integer, got 'abc'"),
+    ("meta.outer_batch=0", r"meta.outer_batch: 0 is out of range; must be >= 1"),
+    ("meta.learning_rate=0", r"meta.learning_rate: 0.0 is out of range; must be > 0"),
+    ("task.name=cifar", r"task.name: 'cifar' is not allowed; allowed: \['sinusoid', 'digits'"),
+    ("network.hidden=[20, true]", r"network.hidden: expected a list of ints"),
+    ("meta.remat=1", r"meta.remat: expected true or false, got 1"),
+    ("learning_rate=1", r"the key must be section.key"),
+    ("optim.lr=1", r"unknown section 'optim'"),
+    ("meta.pool_size=8", None),
+])
+def test_bad_overrides_name_the_key(override, message):
+  if message is None:  # a valid one, for contrast
+    assert config_lib.load("sinusoid_5x10", [override]).meta.pool_size == 8
+    return
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.load("sinusoid_5x10", [override])
+
+
+def test_inconsistent_config_and_unknown_experiment():
+  with pytest.raises(config_lib.ConfigError, match="network.preset: task.name = 'digits' is classification"):
+    config_lib.load("sinusoid_5x10", ["task.name=digits"])
+  with pytest.raises(config_lib.ConfigError, match=r"meta.pool_size: must be 0 when meta.learn_init"):
+    config_lib.load("maml_sinusoid_2x10", ["meta.pool_size=4"])
+  with pytest.raises(config_lib.ConfigError, match=r"unknown experiment 'nope'; known: \[.*'sinusoid_5x10'"):
+    config_lib.load("nope")
+
+
+def _tree(key):
+  k1, k2 = jax.random.split(key)
+  return {"a": jax.random.normal(k1, (3, 4)), "b": (jnp.arange(5, dtype=jnp.int32), jax.random.key_data(jax.random.PRNGKey(7))),
+          "c": jax.random.uniform(k2, ())}
+
+
+def test_checkpoint_round_trip_and_pruning(tmp_path):
+  for step in (1, 2, 3, 4):
+    checkpoint.save(tmp_path, step, _tree(jax.random.PRNGKey(step)), {"note": step}, keep=2)
+  (tmp_path / "ckpt_00000009.npz.tmp").write_bytes(b"half a write")  # a killed write
+  files = checkpoint.list_checkpoints(tmp_path)
+  assert [p.name for p in files] == ["ckpt_00000003.npz", "ckpt_00000004.npz"]
+  tree, meta = checkpoint.restore(files[-1], _tree(jax.random.PRNGKey(0)))
+  assert meta["step"] == 4 and meta["note"] == 4
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), tree, _tree(jax.random.PRNGKey(4)))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
+def test_damaged_checkpoint_is_refused(tmp_path, damage):
+  path = checkpoint.save(tmp_path, 5, _tree(jax.random.PRNGKey(5)), {})
+  data = bytearray(path.read_bytes())
+  if damage == "truncate":
+    data = data[: len(data) // 2]
+  elif damage == "flip":
+    data[len(data) // 3] ^= 0xFF  # inside the array payload
+  else:
+    data = bytearray(b"not a zip at all")
+  path.write_bytes(bytes(data))
+  with pytest.raises(checkpoint.CheckpointError, match=r"ckpt_00000005.npz.* (corrupted|truncated)"):
+    checkpoint.restore(path, _tree(jax.random.PRNGKey(0)))
+
+
+def test_checkpoint_from_another_configuration_is_refused(tmp_path):
+  path = checkpoint.save(tmp_path, 1, _tree(jax.random.PRNGKey(1)), {})
+  with pytest.raises(checkpoint.CheckpointError, match="array 0 has shape"):
+    checkpoint.restore(path, {"a": jnp.zeros((2, 2)), "b": (jnp.zeros(5, jnp.int32), jnp.zeros(2, jnp.uint32)), "c": jnp.zeros(())})
+
+
+def test_per_tensor_normalization_then_adam_matches_hand_computation():
+  grads = {"w": jnp.array([[3.0, 4.0]]), "b": jnp.array([0.5])}
+  norm = normalize_per_tensor()
+  out, _ = norm.update(grads, norm.init(grads))
+  np.testing.assert_allclose(out["w"], [[0.6, 0.8]], rtol=1e-6)
+  np.testing.assert_allclose(out["b"], [1.0], rtol=1e-6)
+  opt = config_lib.build_trainer(config_lib.load("sinusoid_5x10", ["meta.learning_rate=0.1"]),
+                                 None).optimizer
+  upd, _ = opt.update(grads, opt.init(grads), grads)
+  ref, _ = optax.adam(0.1).update(out, optax.adam(0.1).init(out))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), upd, ref)

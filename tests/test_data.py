@@ -1,0 +1,105 @@
+"""Data: bundled digits, the real tfds code path on its mock data, a user's .npz, and
+classification tasks sampling from the right splits."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mplp import config as config_lib, datasets
+from mplp.tasks import Classification, Sinusoid
+
+
+def test_digits_split_and_standardization():
+  d = datasets.digits(seed=0)
+  assert d.x_train.shape == (1348, 64) and d.x_test.shape == (449, 64) and d.classes == 10
+  assert abs(d.x_train.mean()) < 1e-5 and abs(d.x_train.std() - 1) < 1e-4
+  assert set(np.unique(d.y_train)) == set(range(10))
+  again, other = datasets.digits(seed=0), datasets.digits(seed=1)
+  np.testing.assert_array_equal(d.y_test, again.y_test)
+  assert not np.array_equal(d.y_test, other.y_test)
+
+
+def test_tfds_mnist_through_the_real_loading_path(tmp_path):
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=30):
+    d = datasets.tfds_images("mnist", str(tmp_path), image_size=12)
+    f = datasets.tfds_images("fashion_mnist", str(tmp_path), image_size=28)
+  assert d.x_train.shape == (30, 144) and d.x_test.shape == (30, 144) and d.classes == 10
+  assert f.x_train.shape == (30, 784)
+  assert abs(d.x_train.mean()) < 1e-5 and abs(d.x_train.std() - 1) < 1e-3
+  assert d.y_train.min() >= 0 and d.y_train.max() < 10
+
+
+def test_unprepared_mnist_fails_at_once_with_instructions(tmp_path):
+  t = time.perf_counter()
+  with pytest.raises(datasets.DataUnavailableError,
+                     match=rf"(?s)mnist is not prepared in {tmp_path}/mnist/.*tfds build mnist --data_dir DIR"):
+    datasets.tfds_images("mnist", str(tmp_path))
+  assert time.perf_counter() - t < 10
+
+
+def _npz(tmp_path, **arrays):
+  path = tmp_path / "data.npz"
+  np.savez(path, **arrays)
+  return str(path)
+
+
+def test_npz_loads_and_splits(tmp_path):
+  x = np.random.default_rng(0).normal(size=(40, 3, 2))
+  y = np.arange(40) % 3
+  d = datasets.npz(_npz(tmp_path, x=x, y=y), seed=0)
+  assert d.x_train.shape == (30, 6) and d.x_test.shape == (10, 6) and d.classes == 3
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(x=np.ones((5, 2))), r"missing arrays \['y'\]"),
+    (dict(x=np.ones((5, 2)), y=np.zeros((4,), int)), r"y must have shape \[N\] = \[5\] to match x \(5, 2\), got \(4,\)"),
+    (dict(x=np.array([[1.0, np.nan]] * 4), y=np.arange(4) % 2), r"x has 4 NaN or infinite values"),
+    (dict(x=np.ones((4, 2)), y=np.array([0, 1, -1, 1])), r"labels must be in 0..K-1 with K >= 2, got min -1"),
+    (dict(x=np.ones((4, 2)), y=np.array([0.0, 1, 0, 1])), r"y must hold integer labels"),
+    (dict(x=np.ones(4), y=np.arange(4) % 2), r"x must be a numeric array \[N, features...\]"),
+])
+def test_malformed_npz_is_refused(tmp_path, arrays, message):
+  with pytest.raises(datasets.DataError, match=message):
+    datasets.npz(_npz(tmp_path, **arrays))
+
+
+def test_classification_task_samples_from_the_right_splits():
+  x_train = jnp.arange(20.0)[:, None] * jnp.ones((1, 3))   # row i is all i
+  x_test = -1.0 - jnp.arange(6.0)[:, None] * jnp.ones((1, 3))
+  y_train, y_test = jnp.arange(20) % 4, jnp.arange(6) % 4
+  task = Classification(x_train, y_train, x_test, y_test, classes=4, permute_classes=True)
+  s = jax.jit(lambda t, k: t.sample(k, 3, 5, 7))(task, jax.random.PRNGKey(0))
+  assert s.xs.shape == (3, 5, 3) and s.ys.shape == (3, 5, 4) and s.x_eval.shape == (7, 3)
+  rows = np.asarray(s.xs[..., 0]).astype(int)
+  assert (rows >= 0).all()                                   # train rows only
+  assert (np.asarray(s.x_eval) < 0).all()                    # test rows only
+  perm = {}
+  for r, y in zip(rows.ravel(), np.asarray(s.ys).reshape(-1, 4)):
+    perm.setdefault(r % 4, int(np.argmax(y)))
+    assert perm[r % 4] == int(np.argmax(y))                  # one label map per task
+  for r, y in zip(-1 - np.asarray(s.x_eval[:, 0]).astype(int), np.asarray(s.y_eval)):
+    if r % 4 in perm:
+      assert perm[r % 4] == int(np.argmax(y))                # the same map for held-out data
+
+
+def test_sinusoid_tasks():
+  s = Sinusoid(eval_grid=True).sample(jax.random.PRNGKey(3), 5, 10, 100)
+  np.testing.assert_allclose(s.x_eval[:, 0], np.linspace(-5, 5, 100), atol=1e-6)
+  # y = A sin(x + p) with A in [0.1, 0.5]: recover A and p from two grid points' fit
+  x, y = np.asarray(s.x_eval[:, 0]), np.asarray(s.y_eval[:, 0])
+  coef, *_ = np.linalg.lstsq(np.stack([np.sin(x), np.cos(x)], 1), y, rcond=None)
+  amp, phase = np.hypot(*coef), np.arctan2(coef[1], coef[0])
+  assert 0.1 <= amp <= 0.5 and 0 <= phase <= np.pi
+  np.testing.assert_allclose(s.ys, amp * np.sin(s.xs + phase), atol=1e-5)
+  assert np.asarray(s.xs).min() >= -5 and np.asarray(s.xs).max() <= 5
+
+
+def test_config_builds_digits_task_and_network():
+  cfg = config_lib.load("digits_20x8")
+  task = config_lib.build_task(cfg)
+  net = config_lib.build_network(cfg, task)
+  assert net.widths == (64, 50, 50, 10, 10)

@@ -1,0 +1,210 @@
+"""The `mplp train` job: it learns, it resumes exactly after a kill, it refuses bad input
+cleanly, it skips non-finite steps, and it logs to wandb offline."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mplp import checkpoint, config as config_lib, evaluation
+from mplp.cli import main
+from mplp.tasks import Sinusoid, jit_with_task
+from mplp.train import RunError, train
+
+# A small, fast job: the MAML-style sinusoid experiment with 2 tasks per meta-step.
+TINY = ["meta.outer_batch=2", "run.eval_tasks=0", "run.log_every=1", "meta.learning_rate=3e-3",
+        "meta.per_tensor_norm=false"]
+
+
+def _metrics(path):
+  return [json.loads(l) for l in Path(path).read_text().splitlines()]
+
+
+def test_meta_training_improves_held_out_loss():
+  """300 meta-steps (outer batch 4, seed 0) cut the held-out loss after the inner steps
+  on 64 fixed tasks by a clear factor (measured 1.46x; asserted 1.25x)."""
+  cfg = config_lib.load("maml_sinusoid_2x10", ["run.steps=300", "run.eval_tasks=0",
+                                               "meta.learning_rate=3e-3", "meta.per_tensor_norm=false"])
+  task = config_lib.build_task(cfg)
+  trainer = config_lib.build_trainer(cfg, config_lib.build_network(cfg, task))
+  keys = jax.random.split(jax.random.PRNGKey(99), 64)
+  curves = jax.jit(lambda s: evaluation.rule_curves(
+      trainer, s.trainable, s.stats, s.pool, Sinusoid(eval_grid=True), keys)["loss"].mean(0))
+  before = curves(jit_with_task(trainer.init, task)(jax.random.PRNGKey(0)))
+  state = jit_with_task(trainer.init, task)(jax.random.PRNGKey(0))
+  step = jit_with_task(trainer.step, task)
+  for _ in range(300):
+    state, _ = step(state)
+  after = curves(state)
+  assert after[-1] < 0.8 * before[-1], (before, after)
+  assert after[-1] < after[0]  # the learned rule's inner steps help, not only the learned init
+
+
+def _cli(out, *args):
+  cmd = [sys.executable, "-m", "mplp.cli", "train", "maml_sinusoid_2x10", "--out", str(out),
+         "--no-progress", *sum((["--set", s] for s in TINY), []), *args]
+  return cmd
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(_cli(killed, "--steps", "100000", "--set", "run.checkpoint_every=4"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline:
+      found = checkpoint.list_checkpoints(killed / "checkpoints")
+      if found and int(found[-1].stem.split("_")[1]) >= 8:
+        break
+      assert proc.poll() is None, proc.stderr.read().decode()
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.wait()
+  last = checkpoint.latest(killed / "checkpoints")
+  k = int(last.stem.split("_")[1])
+  total = k + 6
+  assert max(m["step"] for m in _metrics(killed / "metrics.jsonl")) >= k
+  res = subprocess.run(_cli(killed, "--steps", str(total), "--resume", "--set", "run.checkpoint_every=4"),
+                       capture_output=True, text=True)
+  assert res.returncode == 0, res.stderr
+  whole = tmp_path / "whole"
+  res = subprocess.run(_cli(whole, "--steps", str(total), "--set", "run.checkpoint_every=4"),
+                       capture_output=True, text=True)
+  assert res.returncode == 0, res.stderr
+  a, b = _metrics(whole / "metrics.jsonl"), _metrics(killed / "metrics.jsonl")
+  assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, total + 1))
+  for ma, mb in zip(a, b):
+    for key in ma:
+      if key != "wall_s":
+        np.testing.assert_allclose(mb[key], ma[key], rtol=1e-6, atol=1e-7, err_msg=f"{key} at {ma['step']}")
+  assert len({m["meta_loss"] for m in a}) > 1  # the metrics do change from step to step
+
+
+def _run_error(capsys, argv):
+  code = main(argv)
+  err = capsys.readouterr().err.strip()
+  assert code == 2
+  assert err.startswith("mplp: error: ") and "Traceback" not in err, err
+  return err
+
+
+def _snapshot(directory):
+  return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in Path(directory).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("run") / "out"
+  cfg = config_lib.load("maml_sinusoid_2x10", TINY + ["run.steps=4", "run.checkpoint_every=2"])
+  train(cfg, out, progress=False)
+  return out, cfg
+
+
+def test_cli_errors_leave_outputs_untouched(tmp_path, capsys, finished_run):
+  out, _ = finished_run
+  before = _snapshot(out)
+  base = ["train", "maml_sinusoid_2x10", "--out", str(out), "--no-progress"]
+  assert "meta.lr" in _run_error(capsys, base + ["--resume", "--set", "meta.lr=1"])
+  assert "meta.outer_batch: expected an integer" in _run_error(capsys, base + ["--resume", "--set", "meta.outer_batch=x"])
+  assert "already holds a run; pass --resume" in _run_error(capsys, base)
+  assert "meta.outer_batch: 2 (saved) vs 3" in _run_error(capsys, base + ["--resume", "--set", "meta.outer_batch=3"])
+  msg = _run_error(capsys, ["train", "digits_20x8", "--out", str(tmp_path / "m"), "--set", "task.name=mnist",
+                            "--set", f"task.data_dir={tmp_path / 'tfds'}"])
+  assert "mnist is not prepared in" in msg and "tfds build mnist" in msg
+  bad = tmp_path / "bad.npz"
+  np.savez(bad, x=np.ones((5, 2)), y=np.zeros(4, int))
+  msg = _run_error(capsys, ["train", "digits_20x8", "--out", str(tmp_path / "n"), "--set", "task.name=npz",
+                            "--set", f"task.path='{bad}'"])
+  assert "y must have shape [N] = [5]" in msg
+  assert _snapshot(out) == before
+  assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+
+
+def test_corrupted_checkpoint_refused_on_resume(tmp_path, capsys, finished_run):
+  import shutil
+  out = tmp_path / "copy"
+  shutil.copytree(finished_run[0], out)
+  last = checkpoint.latest(out / "checkpoints")
+  data = bytearray(last.read_bytes())
+  last.write_bytes(bytes(data[: len(data) - 100]))  # truncated, as by a full disk
+  before = _snapshot(out)
+  msg = _run_error(capsys, ["train", "maml_sinusoid_2x10", "--out", str(out), "--resume", "--steps", "8",
+                            "--no-progress", *sum((["--set", s] for s in TINY), [])])
+  assert f"checkpoint {last} is corrupted or truncated" in msg
+  assert _snapshot(out) == before
+
+
+class NaNSinusoid(Sinusoid):
+  """A user's task whose targets are NaN: every meta-step is non-finite."""
+  def sample(self, key, steps, batch, eval_size):
+    s = super().sample(key, steps, batch, eval_size)
+    return s._replace(ys=s.ys * jnp.nan)
+
+
+def test_non_finite_steps_are_skipped_and_stop_the_run(tmp_path, finished_run):
+  import shutil
+  out = tmp_path / "copy"
+  shutil.copytree(finished_run[0], out)
+  cfg = dataclasses.replace(finished_run[1], run=dataclasses.replace(finished_run[1].run, steps=50),
+                            meta=dataclasses.replace(finished_run[1].meta, max_bad_steps=3))
+  good = checkpoint.latest(out / "checkpoints")
+  good_bytes = good.read_bytes()
+  with pytest.raises(RunError, match=rf"stopped at meta-step 7: 3 consecutive meta-steps had a non-finite.*Last good checkpoint: {good}"):
+    train(cfg, out, resume=True, task=NaNSinusoid(), progress=False)
+  assert good.read_bytes() == good_bytes and checkpoint.latest(out / "checkpoints") == good
+  logged = _metrics(out / "metrics.jsonl")
+  assert [m["skipped"] for m in logged[-3:]] == [1, 2, 3] and [m["finite"] for m in logged[-3:]] == [0, 0, 0]
+  assert all(m["meta_loss"] is None for m in logged[-3:])
+
+
+def _wandb_history(path):
+  """The history rows of a wandb run file (leveldb-style log of protobuf records)."""
+  import struct
+  from wandb.proto import wandb_internal_pb2 as pb
+  data, pos, buf, rows = Path(path).read_bytes(), 7, b"", []
+  while pos + 7 <= len(data):
+    if 32768 - pos % 32768 < 7:  # block trailer
+      pos += 32768 - pos % 32768
+      continue
+    _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+    buf, pos = buf + data[pos + 7:pos + 7 + n], pos + 7 + n
+    if kind in (1, 4):  # full or last chunk of a record
+      record = pb.Record()
+      record.ParseFromString(buf)
+      buf = b""
+      if record.WhichOneof("record_type") == "history":
+        rows.append({(i.key or i.nested_key[0]): json.loads(i.value_json) for i in record.history.item})
+  return rows
+
+
+def test_wandb_offline_run_and_online_fallback(tmp_path, monkeypatch):
+  cfg = config_lib.load("maml_sinusoid_2x10", TINY + ["run.steps=3", "run.eval_tasks=2", "run.tune_tasks=2"])
+  result = train(cfg, tmp_path / "off", wandb_mode="offline", progress=False)
+  runs = list((tmp_path / "off" / "wandb").glob("offline-run-*"))
+  assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+  history = _wandb_history(next(runs[0].glob("run-*.wandb")))
+  logged = _metrics(tmp_path / "off" / "metrics.jsonl")
+  assert [h["_step"] for h in history] == [m["step"] for m in logged] == [1, 2, 3]
+  for h, m in zip(history, logged):
+    np.testing.assert_allclose(h["meta_loss"], m["meta_loss"], rtol=1e-6)
+    np.testing.assert_allclose(h["heldout"], m["heldout"], rtol=1e-6)
+  # online without an API key: offline within seconds, with a warning
+  monkeypatch.delenv("WANDB_API_KEY", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+  t = time.perf_counter()
+  with pytest.warns(UserWarning, match="no W&B API key.*logging offline instead"):
+    train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, eval_tasks=0)), tmp_path / "on",
+          wandb_mode="online", progress=False)
+  assert list((tmp_path / "on" / "wandb").glob("offline-run-*"))
+  assert time.perf_counter() - t < 90
