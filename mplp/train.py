@@ -90,6 +90,9 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
     state = jax.tree_util.tree_map(jax.numpy.asarray, state)
     MetricsLog.truncate_after(out / "metrics.jsonl", meta["step"])
     log(f"resumed from {latest} (step {meta['step']})")
+  elif resume:  # killed before its first checkpoint: start over
+    MetricsLog.truncate_after(out / "metrics.jsonl", 0)
+    log(f"no checkpoint in {ckpt_dir} yet; starting {out} from step 0")
   start = int(state.step)
 
   id_path = out / "wandb_run_id"

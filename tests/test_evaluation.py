@@ -1,0 +1,42 @@
+"""Evaluation curves against an oracle: the backprop-as-agents rule with learning rate
+lr must trace exactly the curve of optax.sgd(lr) on the same tasks, weights and batches."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from mplp import BackpropRule, config as config_lib, evaluation, presets
+from mplp.meta_train import MetaTrainer
+from mplp.network import Network
+from mplp.tasks import Sinusoid
+
+
+@pytest.mark.parametrize("problem", ["sinusoid", "digits"])
+def test_rule_curve_equals_optax_sgd_curve(problem):
+  lr = 0.5
+  if problem == "sinusoid":
+    task, base = Sinusoid(eval_grid=True), presets.sinusoid_5x10()
+  else:
+    task = config_lib.build_task(config_lib.load("digits_20x8"))
+    base = presets.mnist_20x8(hidden=(16,), input_size=64)
+  net = Network(base.input_size, base.layers, BackpropRule(lr))
+  trainer = MetaTrainer(net, optax.adam(1e-3), inner_steps=6, batch_size=8, eval_size=50, pool_size=0)
+  meta = net.init_meta(jax.random.PRNGKey(0))
+  trainable = {"rule": meta.params, "init": ()}
+  keys = jax.random.split(jax.random.PRNGKey(1), 5)
+  rule = jax.jit(lambda k: evaluation.rule_curves(trainer, trainable, meta.stats, (), task, k))(keys)
+  sgd = jax.jit(lambda k: evaluation.optax_curves(trainer, trainable, (), task, k, optax.sgd, (lr,)))(keys)
+  assert rule["loss"].shape == (5, 7)
+  np.testing.assert_allclose(rule["loss"], sgd["loss"][0], rtol=2e-5, atol=1e-7)
+  assert float(np.abs(rule["loss"][:, -1] - rule["loss"][:, 0]).max()) > 1e-3  # weights moved
+  if problem == "digits":
+    np.testing.assert_array_equal(rule["accuracy"], sgd["accuracy"][0])
+
+
+def test_summary_statistics():
+  curve = np.array([[1.0, 2.0], [3.0, 6.0], [5.0, 10.0]])
+  s = evaluation.summarize(curve)
+  np.testing.assert_allclose(s["mean"], [3.0, 6.0])
+  np.testing.assert_allclose(s["sd"], [2.0, 4.0])
+  np.testing.assert_allclose(s["ci95"], [1.96 * 2 / np.sqrt(3), 1.96 * 4 / np.sqrt(3)])
