@@ -1,6 +1,7 @@
 """The `mplp` command.
 
     mplp train EXPERIMENT [--steps N] [--seed S] [--out DIR] [--wandb MODE] [--resume] [--set key=value ...]
+                          [--devices N] [--coordinator HOST:PORT --num-processes N --process-id I]
 
 EXPERIMENT names a config in `experiments/` (sinusoid_5x10, maml_sinusoid_2x10,
 digits_20x8, mnist_20x8, ...) or is a path to a `.toml`. Bad input ends with one line
@@ -34,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--resume", action="store_true", help="continue the run in --out")
   t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value, e.g. --set meta.learning_rate=1e-3 (repeatable)")
+  t.add_argument("--devices", type=int, help="devices to split the outer batch over (run.devices; 0: all)")
+  t.add_argument("--coordinator", help="multi-process run: HOST:PORT of process 0")
+  t.add_argument("--num-processes", type=int, help="multi-process run: number of processes")
+  t.add_argument("--process-id", type=int, help="multi-process run: this process's index")
   t.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
 
@@ -47,6 +52,14 @@ def _train(a) -> int:
     overrides.append(f"run.steps={a.steps}")
   if a.seed is not None:
     overrides.append(f"run.seed={a.seed}")
+  if a.devices is not None:
+    overrides.append(f"run.devices={a.devices}")
+  multi = (a.coordinator, a.num_processes, a.process_id)
+  if any(v is not None for v in multi):
+    if any(v is None for v in multi):
+      raise ConfigError("--coordinator, --num-processes and --process-id must be given together")
+    from mplp import distributed
+    distributed.initialize(a.coordinator, a.num_processes, a.process_id)
   cfg = config_lib.load(a.experiment, overrides)
   out = a.out or f"runs/{Path(a.experiment).stem}-seed{cfg.run.seed}"
   train(cfg, out, resume=a.resume, wandb_mode=a.wandb, progress=not a.no_progress)

@@ -72,6 +72,7 @@ class MetaConfig:
   learn_init: bool = _f(False, doc="meta-train the initial inner weights (MAML-style)")
   pool_size: int = _f(128, lo=0, doc="pre-sampled initial networks (0: fresh per task)")
   remat: bool = _f(True, doc="recompute inner steps in the backward pass")
+  truncation: int = _f(0, lo=0, doc="inner steps per meta-gradient window (0: whole unroll)")
   max_bad_steps: int = _f(20, lo=1, doc="stop after this many consecutive non-finite steps")
 
 
@@ -85,6 +86,7 @@ class RunConfig:
   eval_tasks: int = _f(100, lo=0, doc="final comparison with SGD and Adam (0: skip)")
   tune_tasks: int = _f(20, lo=1, doc="tasks for tuning the SGD/Adam learning rates")
   wandb_project: str = _f("mplp")
+  devices: int = _f(0, lo=0, doc="devices to split the outer batch over (0: all that divide it)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +179,9 @@ def _check_consistency(c: Config):
   if c.task.name != "sinusoid" and c.network.preset != "mnist_20x8":
     raise ConfigError(f"network.preset: task.name = {c.task.name!r} is classification and needs "
                       f"'mnist_20x8' (softmax + cross-entropy), got {c.network.preset!r}")
+  if c.meta.truncation and c.task.inner_steps % c.meta.truncation:
+    raise ConfigError(f"meta.truncation: {c.meta.truncation} must divide task.inner_steps "
+                      f"({c.task.inner_steps}); allowed: a divisor of it, or 0 for the whole unroll")
   if c.meta.learn_init and c.meta.pool_size:
     raise ConfigError("meta.pool_size: must be 0 when meta.learn_init = true (tasks start from "
                       "the learned initialization, not from a pool)")
@@ -257,11 +262,17 @@ def build_network(c: Config, task):
 
 
 def build_trainer(c: Config, network):
+  """The `MetaTrainer` (with a device mesh when more than one device is used)."""
+  from mplp import distributed
   from mplp.meta_train import MetaTrainer, OuterLoss
   from mplp.optim import outer_optimizer
   m = c.meta
+  try:
+    mesh = distributed.mesh(c.run.devices, m.outer_batch)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   optimizer = outer_optimizer(m.optimizer, m.learning_rate, m.per_tensor_norm,
                               m.clip_global_norm, m.lr_drop_step, m.lr_after_drop)
   loss = OuterLoss(m.hint_weight, m.heldout_weight, m.remember_weight, m.update_l2_weight)
   return MetaTrainer(network, optimizer, c.task.inner_steps, c.task.batch_size, c.task.eval_size,
-                     m.outer_batch, loss, m.learn_init, m.pool_size, m.remat)
+                     m.outer_batch, loss, m.learn_init, m.pool_size, m.remat, m.truncation, mesh)

@@ -13,16 +13,28 @@ pool of pre-sampled networks, or the learned initialization), unroll T inner ste
   update_l2 * mean_t ||theta_{t+1} - theta_t||^2    (optional).
 A step whose loss or meta-gradient is not finite leaves parameters and optimizer state
 untouched; it is counted in `bad_steps` (consecutive) and `skipped` (total).
+
+Truncated backprop (`truncation = K < T`, learned_optimization's "truncated step"): every
+task of the outer batch is an inner run in progress (`Unroll`: its task key, the inner
+steps done, its inner state). A meta-step advances each run by one window of K steps and
+takes the meta-gradient of that window's loss (hint over the window, held-out after it);
+the inner state crosses into the next window without a gradient. A run that reaches T
+starts over on a fresh task. With K = T this is exactly the full meta-gradient.
+
+Sharding: with a `mesh` (axis 'tasks'), the outer batch (and the runs in progress) is
+split across its devices; parameters are replicated and XLA inserts the all-reduce of the
+mean over tasks. The same code runs on several hosts after `jax.distributed.initialize`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mplp import minibatch_init
 from mplp.learned import MetaParams
@@ -47,6 +59,14 @@ class TrainState(NamedTuple):
   pool: Any             # ((W [P, I, O], b [P, O]), ...) initial inner networks, or ()
   bad_steps: jax.Array  # [] int32, consecutive skipped (non-finite) steps
   skipped: jax.Array    # [] int32, all skipped steps
+  unrolls: Any = ()     # Unroll with a leading [outer_batch] axis (truncated backprop), or ()
+
+
+class Unroll(NamedTuple):
+  """An inner run in progress (truncated backprop); t == 0 means "start a new task"."""
+  key: jax.Array   # [2] uint32, the task key of the run
+  t: jax.Array     # [] int32, inner steps done
+  state: Any       # its inner state
 
 
 def _sq_distance(network, a, b):
@@ -65,6 +85,9 @@ class MetaTrainer:
     learn_init: meta-train the initial inner weights too (MAML-style).
     pool_size: number of pre-sampled initial networks (0: a fresh draw per task).
     remat: recompute each inner step in the backward pass (less memory, more compute).
+    truncation: K, inner steps per meta-gradient window (0: the whole unroll, K = T);
+      must divide `inner_steps`.
+    mesh: a `Mesh` with axis 'tasks' to split the outer batch over (None: no sharding).
   """
   network: Network
   optimizer: optax.GradientTransformation
@@ -76,6 +99,29 @@ class MetaTrainer:
   learn_init: bool = False
   pool_size: int = 128
   remat: bool = False
+  truncation: int = 0
+  mesh: Optional[Mesh] = None
+
+  def __post_init__(self):
+    if self.truncation and self.inner_steps % self.truncation:
+      raise ValueError(f"meta.truncation: {self.truncation} must divide task.inner_steps "
+                       f"({self.inner_steps}); allowed: a divisor of it, or 0 for the whole unroll")
+    if self.mesh is not None:
+      n = self.mesh.shape["tasks"]
+      if self.outer_batch % n:
+        raise ValueError(f"meta.outer_batch: {self.outer_batch} tasks do not split evenly over "
+                         f"{n} devices; use a multiple of {n} or run.devices dividing it")
+
+  @property
+  def window(self) -> int:
+    return self.truncation or self.inner_steps
+
+  def _shard_tasks(self, tree):
+    """Split the leading [outer_batch] axis over the mesh (no-op without a mesh)."""
+    if self.mesh is None:
+      return tree
+    spec = NamedSharding(self.mesh, PartitionSpec("tasks"))
+    return jax.tree_util.tree_map(lambda a: jax.lax.with_sharding_constraint(a, spec), tree)
 
   def init(self, key, task) -> TrainState:
     """Fresh meta-parameters, learned init and pool; statistics measured on one task."""
@@ -93,8 +139,14 @@ class MetaTrainer:
                                   sample.xs, sample.ys)
     trainable = {"rule": meta.params, "init": init}
     zero = jnp.zeros([], jnp.int32)
+    unrolls = ()
+    if self.truncation:
+      blank = net.init(k_net, self.batch_size)
+      unrolls = jax.tree_util.tree_map(
+          lambda a: jnp.zeros((self.outer_batch,) + a.shape, a.dtype),
+          Unroll(jax.random.PRNGKey(0), zero, blank))
     return TrainState(zero, k_rng, trainable, meta.stats, self.optimizer.init(trainable),
-                      pool, zero, zero)
+                      pool, zero, zero, unrolls)
 
   def initial_weights(self, trainable, pool, key):
     """The inner network a task starts from: learned init, a pool draw, or fresh."""
@@ -113,11 +165,25 @@ class MetaTrainer:
     weights = self.initial_weights(trainable, pool, k_init)
     return sample, self.network.init(k_init, self.batch_size, weights=weights)
 
-  def task_loss(self, trainable, stats, pool, key, task):
-    """Outer loss of one task and its metrics (scalars)."""
+  def task_loss(self, trainable, stats, pool, key, task, unroll=None):
+    """Outer loss of one task's window and its metrics (scalars).
+
+    Without `unroll`: the whole unroll from a fresh task drawn with `key`. With an
+    `Unroll`: the next window of the run in progress (a new task from `key` if its t is
+    0). Returns (loss, (metrics, the run advanced by one window or None)).
+    """
     net = self.network
-    sample, state0 = self.task_start(trainable, pool, key, task)
     meta = MetaParams(trainable["rule"], stats)
+    t0 = 0
+    if unroll is not None:
+      restart = unroll.t == 0
+      key = jnp.where(restart, key, unroll.key)
+      t0 = unroll.t
+    sample, state0 = self.task_start(trainable, pool, key, task)
+    if unroll is not None:
+      state0 = jax.tree_util.tree_map(lambda a, b: jnp.where(restart, a, b), state0, unroll.state)
+    xs = jax.lax.dynamic_slice_in_dim(sample.xs, t0, self.window)
+    ys = jax.lax.dynamic_slice_in_dim(sample.ys, t0, self.window)
 
     def body(state, batch):
       x, y = batch
@@ -126,13 +192,13 @@ class MetaTrainer:
 
     if self.remat:
       body = jax.checkpoint(body)
-    final, (before, hint, moved) = jax.lax.scan(body, state0, (sample.xs, sample.ys))
+    final, (before, hint, moved) = jax.lax.scan(body, state0, (xs, ys))
     heldout = net.loss(final, sample.x_eval, sample.y_eval)
     total = self.loss.hint * jnp.mean(hint) + self.loss.heldout * heldout
     metrics = {"heldout": heldout, "heldout_before": net.loss(state0, sample.x_eval, sample.y_eval),
                "hint": jnp.mean(hint), "first_batch_loss": before[0], "update_sq": jnp.mean(moved)}
     if self.loss.remember:
-      remember = jnp.mean(jax.vmap(lambda x, y: net.loss(final, x, y))(sample.xs, sample.ys))
+      remember = jnp.mean(jax.vmap(lambda x, y: net.loss(final, x, y))(xs, ys))
       total += self.loss.remember * remember
       metrics["remember"] = remember
     if self.loss.update_l2:
@@ -140,20 +206,28 @@ class MetaTrainer:
     if task.kind == "classification":
       pred = net.forward(final, sample.x_eval)
       metrics["heldout_accuracy"] = jnp.mean(jnp.argmax(pred, -1) == jnp.argmax(sample.y_eval, -1))
-    return total, metrics
+    advanced = None
+    if unroll is not None:
+      advanced = Unroll(key, (t0 + self.window) % self.inner_steps, jax.lax.stop_gradient(final))
+    return total, (metrics, advanced)
 
-  def outer_loss(self, trainable, stats, pool, key, task):
-    """Mean outer loss over `outer_batch` tasks (vmapped) and mean metrics."""
-    keys = jax.random.split(key, self.outer_batch)
-    losses, metrics = jax.vmap(self.task_loss, in_axes=(None, None, None, 0, None))(
-        trainable, stats, pool, keys, task)
-    return jnp.mean(losses), jax.tree_util.tree_map(jnp.mean, metrics)
+  def outer_loss(self, trainable, stats, pool, key, task, unrolls=()):
+    """Mean outer loss over `outer_batch` tasks (vmapped, sharded over the mesh):
+    (loss, (mean metrics, advanced unrolls or ()))."""
+    keys = self._shard_tasks(jax.random.split(key, self.outer_batch))
+    if self.truncation:
+      fn = lambda k, u: self.task_loss(trainable, stats, pool, k, task, u)
+      losses, (metrics, unrolls) = jax.vmap(fn)(keys, self._shard_tasks(unrolls))
+    else:
+      fn = lambda k: self.task_loss(trainable, stats, pool, k, task)
+      losses, (metrics, _) = jax.vmap(fn)(keys)
+    return jnp.mean(losses), (jax.tree_util.tree_map(jnp.mean, metrics), unrolls)
 
   def step(self, state: TrainState, task):
     """One meta-step: (state, task) -> (new state, metrics). Pure; jit it."""
     key = jax.random.fold_in(state.rng, state.step)
-    (loss, metrics), grads = jax.value_and_grad(self.outer_loss, has_aux=True)(
-        state.trainable, state.stats, state.pool, key, task)
+    (loss, (metrics, unrolls)), grads = jax.value_and_grad(self.outer_loss, has_aux=True)(
+        state.trainable, state.stats, state.pool, key, task, state.unrolls)
     grad_norm = optax.tree_utils.tree_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.trainable)
@@ -165,6 +239,8 @@ class MetaTrainer:
         opt_state=keep(opt_state, state.opt_state),
         bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
         skipped=state.skipped + (~ok).astype(jnp.int32))
+    if self.truncation:  # a non-finite window restarts every run on a fresh task
+      new = new._replace(unrolls=unrolls._replace(t=jnp.where(ok, unrolls.t, 0)))
     metrics = {"meta_loss": loss, **metrics, "grad_norm": grad_norm,
                "skipped": new.skipped, "finite": ok}
     return new, metrics

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Optional
 
 import jax
-import numpy as np
 
-from mplp import checkpoint, config as config_lib, evaluation
+from mplp import checkpoint, config as config_lib, distributed, evaluation
 from mplp.tasks import Sinusoid, jit_with_task
 from mplp.tracking import MetricsLog, start_wandb
 
@@ -79,34 +78,40 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
   task = task if task is not None else config_lib.build_task(cfg)
   network = config_lib.build_network(cfg, task)
   trainer = config_lib.build_trainer(cfg, network)
-  out.mkdir(parents=True, exist_ok=True)
-  if not resume:
-    _write_atomic(cfg_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
+  writer = distributed.is_writer()
+  if writer:
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+      _write_atomic(cfg_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
   t0 = time.perf_counter()
-  state = jit_with_task(trainer.init, task)(jax.random.PRNGKey(cfg.run.seed))
+  task = distributed.replicate(task, trainer.mesh)
+  state = distributed.to_host(jit_with_task(trainer.init, task)(jax.random.PRNGKey(cfg.run.seed)))
   if latest is not None:
     state, meta = checkpoint.restore(latest, state)
-    state = jax.tree_util.tree_map(jax.numpy.asarray, state)
-    MetricsLog.truncate_after(out / "metrics.jsonl", meta["step"])
+    if writer:
+      MetricsLog.truncate_after(out / "metrics.jsonl", meta["step"])
     log(f"resumed from {latest} (step {meta['step']})")
-  elif resume:  # killed before its first checkpoint: start over
+  elif resume and writer:  # killed before its first checkpoint: start over
     MetricsLog.truncate_after(out / "metrics.jsonl", 0)
     log(f"no checkpoint in {ckpt_dir} yet; starting {out} from step 0")
-  start = int(state.step)
+  state = distributed.replicate(state, trainer.mesh)
+  start = int(distributed.to_host(state.step))
 
-  id_path = out / "wandb_run_id"
-  run_id = id_path.read_text().strip() if id_path.exists() else None
-  if run_id is None and wandb_mode != "disabled":
-    run_id = uuid.uuid4().hex[:8]
-    _write_atomic(id_path, run_id + "\n")
-  wb = start_wandb(wandb_mode, out, cfg.to_dict(), cfg.run.wandb_project, run_id)
+  wb = None
+  if writer:
+    id_path = out / "wandb_run_id"
+    run_id = id_path.read_text().strip() if id_path.exists() else None
+    if run_id is None and wandb_mode != "disabled":
+      run_id = uuid.uuid4().hex[:8]
+      _write_atomic(id_path, run_id + "\n")
+    wb = start_wandb(wandb_mode, out, cfg.to_dict(), cfg.run.wandb_project, run_id)
 
   step_fn = jit_with_task(trainer.step, task)
-  metrics_log = MetricsLog(out / "metrics.jsonl")
+  metrics_log = MetricsLog(out / "metrics.jsonl") if writer else None
   last = {}
   bar = None
-  if progress:
+  if progress and writer:
     from tqdm import tqdm
     bar = tqdm(total=cfg.run.steps, initial=start, desc="meta-train", unit="step",
                file=sys.stderr, dynamic_ncols=True)
@@ -114,11 +119,12 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
     for t in range(start, cfg.run.steps):
       state, metrics = step_fn(state)
       done = t + 1
-      bad = int(state.bad_steps)
+      bad = int(distributed.to_host(state.bad_steps))
       if done % cfg.run.log_every == 0 or done == cfg.run.steps or t == start or bad:
-        last = {k: float(v) for k, v in metrics.items()}
+        last = {k: float(v) for k, v in distributed.to_host(metrics).items()}
         last["wall_s"] = time.perf_counter() - t0
-        metrics_log.write(done, last)
+        if metrics_log is not None:
+          metrics_log.write(done, last)
         if wb is not None:
           wb.log(last, step=done)
         if bar is not None:
@@ -132,19 +138,20 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
             f"meta-gradient (skipped, parameters untouched; meta.max_bad_steps = "
             f"{cfg.meta.max_bad_steps}). Last good checkpoint: {good or 'none yet'}. Try a lower "
             f"meta.learning_rate or meta.clip_global_norm.")
-      if (done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps) and not bad:
-        checkpoint.save(ckpt_dir, done, state, {"config": cfg.to_dict(), "seed": cfg.run.seed,
-                                                "rng": np.asarray(state.rng).tolist()},
+      if (done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps) and not bad and writer:
+        checkpoint.save(ckpt_dir, done, distributed.to_host(state), {"config": cfg.to_dict(), "seed": cfg.run.seed,
+                                                "rng": distributed.to_host(state.rng).tolist()},
                         keep=cfg.run.keep_checkpoints)
   finally:
-    metrics_log.close()
+    if metrics_log is not None:
+      metrics_log.close()
     if bar is not None:
       bar.close()
 
   final = None
-  if cfg.run.eval_tasks > 0:
+  if cfg.run.eval_tasks > 0 and writer:
     eval_task = dataclasses.replace(task, eval_grid=True) if isinstance(task, Sinusoid) else task
-    final = evaluation.compare(trainer, state, eval_task, jax.random.PRNGKey(10_000 + cfg.run.seed),
+    final = evaluation.compare(trainer, distributed.to_host(state), distributed.to_host(eval_task), jax.random.PRNGKey(10_000 + cfg.run.seed),
                                cfg.run.eval_tasks, cfg.run.tune_tasks)
     _write_atomic(out / "final_eval.json", json.dumps(final, indent=1) + "\n")
     log(format_comparison(final, task.kind))
