@@ -121,9 +121,78 @@ def run_meta_step(name: str, repeats: int) -> dict:
           "device": str(jax.devices()[0])}
 
 
+def _synthetic_images(features: int):
+  import jax
+  from mplp.tasks import Classification
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  return Classification(jax.random.normal(k1, (2000, features)), jax.random.randint(k2, (2000,), 0, 10),
+                        jax.random.normal(k2, (500, features)), jax.random.randint(k1, (500,), 0, 10))
+
+
+def run_meta_grad(name: str, repeats: int) -> dict:
+  """One task's meta-gradient through T inner steps (B = 8) of 144-50-10
+  (`mnist_meta_grad_T{T}`) or 784-100-10 (`mnist784_meta_grad_T{T}`), with per-step
+  rematerialization unless the name ends in `_noremat`. Memory is the process's peak RSS."""
+  import jax
+  from mplp import config as config_lib
+  from mplp.tasks import jit_with_task
+  shape, rest = name.split("_meta_grad_T")
+  steps = int(rest.split("_")[0])
+  remat = not name.endswith("_noremat")
+  features, hidden = (144, 50) if shape == "mnist" else (784, 100)
+  cfg = config_lib.load("mnist_20x8", [f"task.inner_steps={steps}", "meta.outer_batch=1",
+                                       f"meta.remat={'true' if remat else 'false'}", f"network.hidden=[{hidden}]"])
+  task = _synthetic_images(features)
+  trainer = config_lib.build_trainer(cfg, config_lib.build_network(cfg, task))
+  state = jit_with_task(trainer.init, task)(jax.random.PRNGKey(0))
+
+  def grad(state, task):
+    key = jax.random.fold_in(state.rng, state.step)
+    return jax.grad(lambda p: trainer.outer_loss(p, state.stats, state.pool, key, task)[0])(state.trainable)
+
+  fn = jit_with_task(grad, task)
+  t = time.perf_counter()
+  jax.block_until_ready(fn(state))
+  compile_s = time.perf_counter() - t
+  median, times = _time(fn, (state,), repeats)
+  return {"median_s": median, "min_s": min(times), "repeats": repeats, "compile_s": compile_s,
+          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "shape": {"net": f"{features}-{hidden}-10", "batch": 8, "steps": steps, "remat": remat,
+                    "weight_agents_per_step": 8 * (features * hidden + hidden * 10)},
+          "device": str(jax.devices()[0])}
+
+
+def run_devices(name: str, repeats: int) -> dict:
+  """`sinusoid_meta_step` (4 tasks) with the outer batch split over N forced CPU devices
+  (`devices_N`; the parent sets XLA_FLAGS for the child)."""
+  import jax
+  from mplp import config as config_lib, distributed
+  from mplp.tasks import jit_with_task
+  n = int(name.split("_")[1])
+  cfg = config_lib.load("sinusoid_5x10", [f"run.devices={n}"])
+  task = config_lib.build_task(cfg)
+  trainer = config_lib.build_trainer(cfg, config_lib.build_network(cfg, task))
+  state = distributed.replicate(jit_with_task(trainer.init, task)(jax.random.PRNGKey(0)), trainer.mesh)
+  step = jit_with_task(trainer.step, task)
+  state, _ = jax.block_until_ready(step(state))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    state, _ = jax.block_until_ready(step(state))
+    times.append(time.perf_counter() - t)
+  median = statistics.median(times)
+  return {"median_s": median, "meta_steps_per_s": 1 / median, "devices": n,
+          "device_count": jax.device_count(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "compile_s": float("nan")}
+
+
 def run_one(name: str, repeats: int) -> dict:
   if name.endswith("_meta_step"):
     return run_meta_step(name, repeats)
+  if "_meta_grad_T" in name:
+    return run_meta_grad(name, repeats)
+  if name.startswith("devices_"):
+    return run_devices(name, repeats)
   import jax
   import jax.numpy as jnp
   from mplp import presets
@@ -174,7 +243,11 @@ def run_one(name: str, repeats: int) -> dict:
 
 
 NAMES = ("sinusoid_inner_step", "mnist_inner_step", "sinusoid_unroll_grad", "mnist_unroll_grad",
-         "sinusoid_meta_step", "mnist_meta_step")
+         "sinusoid_meta_step", "mnist_meta_step",
+         *(f"mnist_meta_grad_T{t}{s}" for t in (5, 20, 80) for s in ("", "_noremat")),
+         "mnist784_meta_grad_T20", "mnist784_meta_grad_T20_noremat",
+         "devices_1", "devices_2", "devices_4")
+MEMORY_LIMIT_GB = 18  # a child that needs more fails (reported), instead of swapping the machine
 
 
 def main(argv=None):
@@ -185,21 +258,29 @@ def main(argv=None):
   p.add_argument("--child", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a.child:
+    limit = MEMORY_LIMIT_GB << 30
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     print(json.dumps(run_one(a.child, a.repeats)))
     return
   results = {}
   for name in a.only or NAMES:
+    env = dict(os.environ)
+    if name.startswith("devices_"):
+      env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
     proc = subprocess.run([sys.executable, __file__, "--child", name, "--repeats", str(a.repeats)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-      sys.stderr.write(proc.stderr)
-      raise SystemExit(f"benchmark {name} failed")
+      tail = proc.stderr.strip().splitlines()[-3:]
+      results[name] = {"failed": True, "returncode": proc.returncode, "error": " | ".join(tail)[-500:]}
+      print(f"{name:24s} FAILED (exit {proc.returncode}): {results[name]['error'][-200:]}", flush=True)
+      continue
     results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     r = results[name]
     rate = (f"{r['agent_updates_per_s']:.3g} agent-updates/s  {r['achieved_gflops']:6.1f} GFLOP/s "
             if "achieved_gflops" in r else "")
+    rate += f"(matmul {r['matmul_2048_gflops']:.0f})" if "matmul_2048_gflops" in r else ""
     print(f"{name:24s} median {r['median_s'] * 1e3:8.2f} ms  compile {r['compile_s']:5.2f} s  "
-          f"peak {r['peak_rss_mb']:7.0f} MB  {rate}(matmul {r['matmul_2048_gflops']:.0f})"
+          f"peak {r['peak_rss_mb']:7.0f} MB  {rate}"
           + (f"  x{r['speedup_vs_authors']:.2f} vs authors" if "speedup_vs_authors" in r else ""),
           flush=True)
   with open(a.out, "w") as f:
