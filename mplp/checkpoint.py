@@ -42,29 +42,34 @@ def path_for(directory, step: int) -> Path:
   return Path(directory) / f"ckpt_{step:08d}.npz"
 
 
-def save(directory, step: int, tree: Any, metadata: Dict[str, Any], keep: int = 3) -> Path:
-  """Write `tree` (arrays) and `metadata` (JSON-able) as checkpoint `step`; keep the
-  newest `keep` checkpoints."""
-  directory = Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
+def write(path, tree: Any, metadata: Dict[str, Any]) -> Path:
+  """Write `tree` (arrays) and `metadata` (JSON-able) to `path` atomically."""
+  path = Path(path)
   leaves = [np.asarray(a) for a in jax.tree_util.tree_leaves(tree)]
-  meta = {"format": FORMAT, "version": VERSION, "step": int(step), **metadata,
+  meta = {"format": FORMAT, "version": VERSION, **metadata,
           "leaves": [{"shape": list(a.shape), "dtype": str(a.dtype)} for a in leaves],
           "sha256": _digest(leaves)}
   arrays = {f"leaf_{i:05d}": a for i, a in enumerate(leaves)}
   arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-  final = path_for(directory, step)
-  tmp = final.with_name(final.name + ".tmp")
+  tmp = path.with_name(path.name + ".tmp")
   with open(tmp, "wb") as f:
     np.savez(f, **arrays)
     f.flush()
     os.fsync(f.fileno())
-  os.replace(tmp, final)
-  fd = os.open(directory, os.O_RDONLY)
+  os.replace(tmp, path)
+  fd = os.open(path.parent, os.O_RDONLY)
   try:
     os.fsync(fd)
   finally:
     os.close(fd)
+  return path
+
+
+def save(directory, step: int, tree: Any, metadata: Dict[str, Any], keep: int = 3) -> Path:
+  """Write checkpoint `step` of `tree` into `directory`; keep the newest `keep`."""
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  final = write(path_for(directory, step), tree, {"step": int(step), **metadata})
   for old in list_checkpoints(directory)[:-keep]:
     old.unlink(missing_ok=True)
   return final

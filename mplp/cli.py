@@ -40,6 +40,24 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--num-processes", type=int, help="multi-process run: number of processes")
   t.add_argument("--process-id", type=int, help="multi-process run: this process's index")
   t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+  e = sub.add_parser("eval", help="evaluate a rule against tuned SGD and Adam",
+                     description="The paper's protocol: N fresh tasks and inner networks, the same "
+                                 "for every method; held-out metric after each inner step.")
+  src = e.add_mutually_exclusive_group(required=True)
+  src.add_argument("run_dir", nargs="?", help="a `mplp train` output directory (newest checkpoint)")
+  src.add_argument("--pretrained", metavar="NAME", help="a rule shipped with mplp")
+  src.add_argument("--reference", metavar="PATH.npy", help="the authors' published flat weights")
+  e.add_argument("--experiment", help="with --reference: sinusoid_5x10, maml_sinusoid_2x10 or mnist_20x8")
+  e.add_argument("--reference-prior", metavar="PATH.npy", help="with --reference: the MAML experiment's learned init")
+  e.add_argument("--tasks", type=int, default=100, help="evaluation tasks (default 100)")
+  e.add_argument("--tune-tasks", type=int, default=20, help="tasks for tuning the baselines' learning rates")
+  e.add_argument("--seed", type=int, default=0)
+  e.add_argument("--out", help="output directory (default runs/eval-SOURCE-seedS)")
+  e.add_argument("--optimizers", nargs="+", default=["sgd", "adam"], help="optax baselines by name")
+  e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                 help="transfer: change the network or task, e.g. --set network.activation=step")
+  e.add_argument("--wandb", default="disabled", choices=WANDB_MODES)
   return p
 
 
@@ -67,6 +85,51 @@ def _train(a) -> int:
   return 0
 
 
+def _eval(a) -> int:
+  import dataclasses
+  import jax
+  from pathlib import Path
+  from mplp import evaluation, report, rules
+  from mplp.tasks import Sinusoid
+  if a.tasks < 2 or a.tune_tasks < 1:
+    raise ConfigError(f"--tasks must be >= 2 and --tune-tasks >= 1, got {a.tasks} and {a.tune_tasks}")
+  if a.reference:
+    if not a.experiment:
+      raise ConfigError(f"--experiment is required with --reference; known: {list(rules.PUBLISHED)}")
+    cfg, trainer, rule, task = rules.from_reference(a.reference, a.experiment, a.reference_prior, a.overrides)
+    name = f"reference-{a.experiment}"
+  elif a.pretrained:
+    cfg, trainer, rule, task = rules.from_pretrained(a.pretrained, a.overrides)
+    name = f"pretrained-{a.pretrained}"
+  else:
+    cfg, trainer, rule, task = rules.from_run(a.run_dir, a.overrides)
+    name = Path(a.run_dir).name
+  for opt in a.optimizers:  # refuse unknown names before any work
+    try:
+      evaluation.optax_optimizer(opt)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  if isinstance(task, Sinusoid):
+    task = dataclasses.replace(task, eval_grid=True)
+  key = jax.random.PRNGKey(a.seed)
+  result = evaluation.compare(trainer, rule, task, key, a.tasks, a.tune_tasks, a.optimizers)
+  fits = None
+  if isinstance(task, Sinusoid):
+    keys = jax.random.split(jax.random.split(key)[0], a.tasks)[:3]  # the first evaluation tasks
+    fits = [evaluation.rule_predictions(trainer, rule.trainable, rule.stats, (), task, k) for k in keys]
+  out = report.write(result, a.out or f"runs/eval-{name}-seed{a.seed}", task.kind, cfg.to_dict(), fits)
+  print((out / "eval.md").read_text())
+  if a.wandb != "disabled":
+    from mplp.tracking import start_wandb
+    run = start_wandb(a.wandb, out, {**cfg.to_dict(), "eval": vars(a)}, cfg.run.wandb_project)
+    metric = report.primary_metric(task.kind)
+    for t in range(trainer.inner_steps + 1):
+      run.log({f"{m}/{metric}": r[metric]["mean"][t] for m, r in result["methods"].items()}, step=t)
+    run.finish()
+  print(f"outputs in {out}")
+  return 0
+
+
 def main(argv=None) -> int:
   from mplp.train import RunError
   a = _parser().parse_args(argv)
@@ -74,6 +137,8 @@ def main(argv=None) -> int:
   try:
     if a.command == "train":
       return _train(a)
+    if a.command == "eval":
+      return _eval(a)
   except USER_ERRORS + (RunError,) as e:
     print(f"mplp: error: {e}", file=sys.stderr)
     return 2

@@ -22,7 +22,15 @@ LR_GRIDS = {
     "sgd": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
     "adam": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3),
 }
-OPTAX = {"sgd": optax.sgd, "adam": optax.adam}
+DEFAULT_GRID = (1e-4, 3e-4, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "lion", "nadam", "adabelief", "lamb")
+
+
+def optax_optimizer(name: str) -> Callable:
+  """An optax optimizer by name (learning rate as its first argument)."""
+  if name not in OPTIMIZER_NAMES:
+    raise ValueError(f"--optimizers: unknown optimizer {name!r}; allowed: {list(OPTIMIZER_NAMES)}")
+  return getattr(optax, name)
 
 
 def _held_out(net, task, state, sample):
@@ -102,14 +110,28 @@ def compare(trainer, state, task, key, n_tasks: int, tune_tasks: int,
   curves = jax.jit(lambda keys: rule_curves(trainer, state.trainable, state.stats, state.pool, task, keys))(eval_keys)
   methods = {"mplp": {m: summarize(c) for m, c in curves.items()}}
   chosen = {}
+  grids = {name: LR_GRIDS.get(name, DEFAULT_GRID) for name in optimizers}
   for name in optimizers:
-    grid = LR_GRIDS[name]
+    grid = grids[name]
     run = jax.jit(lambda keys, lrs, name=name: optax_curves(
-        trainer, state.trainable, state.pool, task, keys, OPTAX[name], lrs))
+        trainer, state.trainable, state.pool, task, keys, optax_optimizer(name), lrs))
     scores = _final_score(run(tune_keys, grid), task.kind)
     lr = grid[int(jnp.argmin(scores))]
     chosen[name] = lr
     best = jax.tree_util.tree_map(lambda a: a[0], run(eval_keys, (lr,)))
     methods[f"{name}(lr={lr:g})"] = {m: summarize(c) for m, c in best.items()}
-  return {"methods": methods, "learning_rates": chosen, "grids": {n: list(LR_GRIDS[n]) for n in optimizers},
+  return {"methods": methods, "learning_rates": chosen, "grids": {n: list(g) for n, g in grids.items()},
           "tasks": n_tasks, "tune_tasks": tune_tasks}
+
+
+def rule_predictions(trainer, trainable, stats, pool, task, key):
+  """One task's fit along the rule's inner run: (TaskSample, predictions on x_eval
+  before and after each step [T + 1, E, out])."""
+  net = trainer.network
+  meta = MetaParams(trainable["rule"], stats)
+  sample, state0 = trainer.task_start(trainable, pool, key, task)
+  def body(s, batch):
+    s, _ = net.inner_step(meta, s, *batch)
+    return s, net.forward(s, sample.x_eval)
+  _, after = jax.lax.scan(body, state0, (sample.xs, sample.ys))
+  return sample, jnp.concatenate([net.forward(state0, sample.x_eval)[None], after])

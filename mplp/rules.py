@@ -1,0 +1,116 @@
+"""Where a trained rule comes from: a run directory, a rule shipped with mplp, or the
+authors' published flat weights. Each gives `(config, trainer, state, task)` ready for
+`mplp.evaluation.compare`, with config overrides applied (for transfer: another
+activation, other widths, another data set).
+
+A shipped rule is `mplp/pretrained/NAME.npz` in the checkpoint format (see
+`mplp.checkpoint`) holding `{"trainable", "stats"}` and the config it was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from mplp import checkpoint, config as config_lib, reference
+
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+PUBLISHED = ("sinusoid_5x10", "maml_sinusoid_2x10", "mnist_20x8")
+
+
+def shipped() -> list:
+  return sorted(p.stem for p in PRETRAINED_DIR.glob("*.npz"))
+
+
+def _with_overrides(raw: dict, overrides: Sequence[str]) -> config_lib.Config:
+  for item in overrides:
+    key, value = config_lib._parse_override(item)
+    section, name = key.split(".")
+    if section not in config_lib.SECTIONS:
+      raise config_lib.ConfigError(f"--set {item!r}: unknown section {section!r}; allowed: {list(config_lib.SECTIONS)}")
+    raw.setdefault(section, {})[name] = value
+  return config_lib.from_dict(raw)
+
+
+def _build(cfg, task=None):
+  """Task, and a trainer that starts every task from a fresh inner network (or the
+  learned initialization): the paper's evaluation protocol."""
+  task = task if task is not None else config_lib.build_task(cfg)
+  trainer = config_lib.build_trainer(
+      dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, devices=1)),
+      config_lib.build_network(cfg, task))
+  return task, dataclasses.replace(trainer, pool_size=0, mesh=None)
+
+
+class _Rule:
+  """What evaluation reads from a `TrainState`."""
+  def __init__(self, trainable, stats):
+    self.trainable, self.stats, self.pool = trainable, stats, ()
+
+
+def from_run(run_dir, overrides: Sequence[str] = ()):
+  """The newest checkpoint of a `mplp train` run."""
+  run_dir = Path(run_dir)
+  if not (run_dir / "config.json").exists():
+    raise config_lib.ConfigError(f"{run_dir} is not an mplp run directory (no config.json)")
+  raw = json.loads((run_dir / "config.json").read_text())
+  cfg = _with_overrides(json.loads(json.dumps(raw)), overrides)
+  latest = checkpoint.latest(run_dir / "checkpoints")
+  if latest is None:
+    raise checkpoint.CheckpointError(f"{run_dir}/checkpoints holds no checkpoint yet")
+  saved_task, saved_trainer = _build(config_lib.from_dict(raw))
+  template = jax.eval_shape(lambda: saved_trainer.init(jax.random.PRNGKey(0), saved_task))
+  state, _ = checkpoint.restore(latest, template)
+  task, trainer = _build(cfg)
+  return cfg, trainer, _Rule(state.trainable, state.stats), task
+
+
+def save_pretrained(run_dir, name: str, directory=PRETRAINED_DIR):
+  """Ship the newest checkpoint of a run as `NAME.npz` (rule and statistics only)."""
+  cfg, _, rule, _ = from_run(run_dir)
+  latest = checkpoint.latest(Path(run_dir) / "checkpoints")
+  _, meta = checkpoint.read(latest)
+  return checkpoint.write(Path(directory) / f"{name}.npz",
+                          {"trainable": rule.trainable, "stats": rule.stats},
+                          {"config": cfg.to_dict(), "trained_steps": meta["step"], "source": str(run_dir)})
+
+
+def from_pretrained(name: str, overrides: Sequence[str] = ()):
+  path = PRETRAINED_DIR / f"{name}.npz"
+  if not path.exists():
+    raise config_lib.ConfigError(f"--pretrained: unknown rule {name!r}; shipped: {shipped()}")
+  _, meta = checkpoint.read(path)
+  raw = meta["config"]
+  saved_task, saved_trainer = _build(config_lib.from_dict(raw))
+  template = jax.eval_shape(lambda: saved_trainer.init(jax.random.PRNGKey(0), saved_task))
+  tree, _ = checkpoint.restore(path, {"trainable": template.trainable, "stats": template.stats})
+  cfg = _with_overrides(json.loads(json.dumps(raw)), overrides)
+  task, trainer = _build(cfg)
+  return cfg, trainer, _Rule(tree["trainable"], tree["stats"]), task
+
+
+def from_reference(path: str, experiment: str, prior: str | None = None, overrides: Sequence[str] = ()):
+  """The authors' flat weights (`*.npy`) for one of their experiments; for the MAML-style
+  experiment also `prior`, the learned initial weights."""
+  if experiment not in PUBLISHED:
+    raise config_lib.ConfigError(f"--experiment: unknown experiment {experiment!r}; known: {list(PUBLISHED)}")
+  cfg = config_lib.load(experiment, list(overrides))
+  if experiment == "maml_sinusoid_2x10" and prior is None:
+    raise config_lib.ConfigError("--reference-prior: the MAML-style experiment needs its learned initial "
+                                 "weights (maml_sin_prior_weights_*.npy)")
+  if experiment != "maml_sinusoid_2x10" and prior is not None:
+    raise config_lib.ConfigError(f"--reference-prior: only maml_sinusoid_2x10 has a learned prior, not {experiment}")
+  task, trainer = _build(cfg)
+  if not Path(path).is_file():
+    raise config_lib.ConfigError(f"--reference: no such file {path!r}")
+  try:
+    meta = reference.import_flat(np.load(path, allow_pickle=False), trainer.network)
+    init = reference.load_prior(prior, trainer.network) if prior else ()
+  except ValueError as e:
+    raise config_lib.ConfigError(f"--reference: {e} (experiment {experiment})") from None
+  return cfg, trainer, _Rule({"rule": meta.params, "init": init}, meta.stats), task
