@@ -41,6 +41,9 @@ class NetworkConfig:
   preset: str = _f("sinusoid_5x10", choices=tuple(presets.PRESETS), doc="architecture and rule")
   activation: str = _f("relu", choices=tuple(ACTIVATIONS))
   hidden: Tuple[int, ...] = _f((20, 20), lo=1, doc="hidden layer widths")
+  rule: str = _f("learned", choices=("learned", "backprop"),
+                 doc="backprop: exact gradients + SGD as agents (with meta.learn_init: plain MAML)")
+  inner_lr: float = _f(0.1, lo=0.0, lo_open=True, doc="rule = backprop: the inner SGD learning rate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +182,9 @@ def _check_consistency(c: Config):
   if c.task.name != "sinusoid" and c.network.preset != "mnist_20x8":
     raise ConfigError(f"network.preset: task.name = {c.task.name!r} is classification and needs "
                       f"'mnist_20x8' (softmax + cross-entropy), got {c.network.preset!r}")
+  if c.network.rule == "backprop" and not c.meta.learn_init:
+    raise ConfigError("network.rule: 'backprop' has nothing to meta-train unless meta.learn_init = true "
+                      "(plain MAML); allowed: 'learned', or set meta.learn_init = true and meta.pool_size = 0")
   if c.meta.truncation and c.task.inner_steps % c.meta.truncation:
     raise ConfigError(f"meta.truncation: {c.meta.truncation} must divide task.inner_steps "
                       f"({c.task.inner_steps}); allowed: a divisor of it, or 0 for the whole unroll")
@@ -256,9 +262,13 @@ def build_task(c: Config):
 
 
 def build_network(c: Config, task):
-  return presets.network(c.network.preset, activation=c.network.activation,
-                         hidden=c.network.hidden, input_size=task.input_size,
-                         outputs=task.output_size)
+  from mplp.backprop import BackpropRule
+  net = presets.network(c.network.preset, activation=c.network.activation,
+                        hidden=c.network.hidden, input_size=task.input_size,
+                        outputs=task.output_size)
+  if c.network.rule == "backprop":
+    net = dataclasses.replace(net, rule=BackpropRule(c.network.inner_lr))
+  return net
 
 
 def build_trainer(c: Config, network):

@@ -135,8 +135,9 @@ class MetaTrainer:
     init = net.weights(net.init(k_init, 1)) if self.learn_init else ()
     sample = task.sample(k_task, self.inner_steps, self.batch_size, self.eval_size)
     first = init if self.learn_init else (jax.tree_util.tree_map(lambda a: a[0], pool) if pool else None)
-    meta = minibatch_init.measure(net, meta, net.init(k_net, self.batch_size, weights=first or None),
-                                  sample.xs, sample.ys)
+    if hasattr(net.rule, "measure"):  # learned rules; BackpropRule (plain MAML) has no statistics
+      meta = minibatch_init.measure(net, meta, net.init(k_net, self.batch_size, weights=first or None),
+                                    sample.xs, sample.ys)
     trainable = {"rule": meta.params, "init": init}
     zero = jnp.zeros([], jnp.int32)
     unrolls = ()
