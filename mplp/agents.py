@@ -43,7 +43,7 @@ Params = Any
 
 _GLOROT = hk.initializers.VarianceScaling(1.0, "fan_avg", "uniform")
 MLP_SIZES = (80, 40)
-CHUNK_AGENTS = 8192  # agents per slice in `apply_in_chunks` (fits [N, 80] in cache)
+CHUNK_AGENTS = 2048  # agents per slice in `apply_in_chunks` (keeps [N, 80] in cache)
 
 
 def _parts_linear(name: str, parts: Sequence[jax.Array], out: int, with_bias: bool = True):
@@ -148,8 +148,9 @@ class AgentNet:
 
     Many agents at once ([8, 144, 50] weight agents: [57600, 80] intermediates) leave
     the CPU's caches and run at memory speed; slices of at most `max_agents` agents
-    stay in cache (default `CHUNK_AGENTS`; measured: 2.4x faster for the MNIST layer-1 weight agents). Same
-    numbers as `apply`. Parts whose axis 1 has extent 1 are shared by every slice.
+    stay in cache (default `CHUNK_AGENTS`; measured: 2.4x faster for the MNIST layer-1
+    weight agents). Same numbers as `apply`. Parts whose axis 1 has extent 1 are shared
+    by every slice.
     """
     max_agents = CHUNK_AGENTS if max_agents is None else max_agents
     shape = carry.shape[:-1]
@@ -178,7 +179,10 @@ class AgentNet:
         ps[i] = p
       return self.apply(params, ps, chunk_carry)
 
-    out = jax.lax.map(one, ([split(parts[i]) for i in sliced], split(carry)))
+    # Checkpointed slices: the backward pass recomputes each slice's forward while it is
+    # in cache instead of stacking every slice's intermediates (measured on the MNIST
+    # layer-1 weight agents: gradient 186 -> 106 ms).
+    out = jax.lax.map(jax.checkpoint(one), ([split(parts[i]) for i in sliced], split(carry)))
     return jax.tree_util.tree_map(merge, out)
 
 

@@ -74,7 +74,7 @@ class MetaConfig:
   update_l2_weight: float = _f(0.0, lo=0.0)
   learn_init: bool = _f(False, doc="meta-train the initial inner weights (MAML-style)")
   pool_size: int = _f(128, lo=0, doc="pre-sampled initial networks (0: fresh per task)")
-  remat: bool = _f(True, doc="recompute inner steps in the backward pass")
+  remat: bool = _f(False, doc="recompute each inner step in the backward pass (agent slices always are)")
   truncation: int = _f(0, lo=0, doc="inner steps per meta-gradient window (0: whole unroll)")
   max_bad_steps: int = _f(20, lo=1, doc="stop after this many consecutive non-finite steps")
 
