@@ -47,6 +47,15 @@ def _build(cfg, task=None):
   return task, dataclasses.replace(trainer, pool_size=0, mesh=None)
 
 
+def _template(cfg):
+  """The shapes of the `TrainState` a run with `cfg` saves (nothing is computed)."""
+  task = config_lib.build_task(cfg)
+  trainer = config_lib.build_trainer(
+      dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, devices=1)),
+      config_lib.build_network(cfg, task))
+  return jax.eval_shape(lambda: trainer.init(jax.random.PRNGKey(0), task))
+
+
 class _Rule:
   """What evaluation reads from a `TrainState`."""
   def __init__(self, trainable, stats):
@@ -63,9 +72,7 @@ def from_run(run_dir, overrides: Sequence[str] = ()):
   latest = checkpoint.latest(run_dir / "checkpoints")
   if latest is None:
     raise checkpoint.CheckpointError(f"{run_dir}/checkpoints holds no checkpoint yet")
-  saved_task, saved_trainer = _build(config_lib.from_dict(raw))
-  template = jax.eval_shape(lambda: saved_trainer.init(jax.random.PRNGKey(0), saved_task))
-  state, _ = checkpoint.restore(latest, template)
+  state, _ = checkpoint.restore(latest, _template(config_lib.from_dict(raw)))
   task, trainer = _build(cfg)
   return cfg, trainer, _Rule(state.trainable, state.stats), task
 
@@ -86,8 +93,7 @@ def from_pretrained(name: str, overrides: Sequence[str] = ()):
     raise config_lib.ConfigError(f"--pretrained: unknown rule {name!r}; shipped: {shipped()}")
   _, meta = checkpoint.read(path)
   raw = meta["config"]
-  saved_task, saved_trainer = _build(config_lib.from_dict(raw))
-  template = jax.eval_shape(lambda: saved_trainer.init(jax.random.PRNGKey(0), saved_task))
+  template = _template(config_lib.from_dict(raw))
   tree, _ = checkpoint.restore(path, {"trainable": template.trainable, "stats": template.stats})
   cfg = _with_overrides(json.loads(json.dumps(raw)), overrides)
   task, trainer = _build(cfg)

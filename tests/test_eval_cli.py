@@ -85,3 +85,11 @@ def test_eval_refuses_bad_sources(tmp_path, capsys):
   assert "--reference-prior" in err
   err = _error(capsys, ["eval", str(tmp_path), "--optimizers", "sgdd"])
   assert "is not an mplp run directory" in err
+
+
+@pytest.mark.skipif(not rules.shipped(), reason="no rule shipped yet")
+def test_every_shipped_rule_evaluates(tmp_path):
+  for name in rules.shipped():
+    doc, _ = _eval(tmp_path / name, "--pretrained", name, "--tasks", "8", "--tune-tasks", "2")
+    curve = doc["methods"]["mplp"]["mean"]
+    assert curve[-1] < curve[0]  # a trained rule learns
