@@ -230,13 +230,18 @@ def load(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
     raw = tomllib.loads(path.read_text())
   except tomllib.TOMLDecodeError as e:
     raise ConfigError(f"{path}: not valid TOML ({e})") from None
+  return from_dict(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+  """Set `section.key=value` items in a nested config dict (in place; returned)."""
   for item in overrides:
     key, value = _parse_override(item)
     section, name = key.split(".")
     if section not in SECTIONS:
       raise ConfigError(f"--set {item!r}: unknown section {section!r}; allowed: {list(SECTIONS)}")
     raw.setdefault(section, {})[name] = value
-  return from_dict(raw)
+  return raw
 
 
 def load_json(path) -> Config:

@@ -28,13 +28,7 @@ def shipped() -> list:
 
 
 def _with_overrides(raw: dict, overrides: Sequence[str]) -> config_lib.Config:
-  for item in overrides:
-    key, value = config_lib._parse_override(item)
-    section, name = key.split(".")
-    if section not in config_lib.SECTIONS:
-      raise config_lib.ConfigError(f"--set {item!r}: unknown section {section!r}; allowed: {list(config_lib.SECTIONS)}")
-    raw.setdefault(section, {})[name] = value
-  return config_lib.from_dict(raw)
+  return config_lib.from_dict(config_lib.apply_overrides(raw, overrides))
 
 
 def _build(cfg, task=None):
