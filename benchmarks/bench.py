@@ -84,25 +84,10 @@ def _flops(net, meta, kind, args):
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
-def run_meta_step(name: str, repeats: int) -> dict:
-  """A full meta-step (`MetaTrainer.step`, jitted) as `mplp train` runs it: sinusoid_5x10
-  with its config (4 tasks x 5 steps), or the mnist_20x8 shape (144-50-10, 1 task x 20
-  steps of 8) on synthetic 144-feature data (no download)."""
+def _time_meta_steps(step, state, repeats):
+  """Compile time (first call) and per-call times of a jitted meta-step, the state
+  threaded through (each call is a real next step)."""
   import jax
-  import jax.numpy as jnp
-  from mplp import config as config_lib
-  from mplp.tasks import Classification, jit_with_task
-  if name == "sinusoid_meta_step":
-    cfg = config_lib.load("sinusoid_5x10")
-    task = config_lib.build_task(cfg)
-  else:
-    cfg = config_lib.load("mnist_20x8")
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    task = Classification(jax.random.normal(k1, (2000, 144)), jax.random.randint(k2, (2000,), 0, 10),
-                          jax.random.normal(k2, (500, 144)), jax.random.randint(k1, (500,), 0, 10))
-  trainer = config_lib.build_trainer(cfg, config_lib.build_network(cfg, task))
-  state = jit_with_task(trainer.init, task)(jax.random.PRNGKey(0))
-  step = jit_with_task(trainer.step, task)
   t = time.perf_counter()
   state, _ = jax.block_until_ready(step(state))
   compile_s = time.perf_counter() - t
@@ -111,6 +96,26 @@ def run_meta_step(name: str, repeats: int) -> dict:
     t = time.perf_counter()
     state, _ = jax.block_until_ready(step(state))
     times.append(time.perf_counter() - t)
+  return compile_s, times
+
+
+def run_meta_step(name: str, repeats: int) -> dict:
+  """A full meta-step (`MetaTrainer.step`, jitted) as `mplp train` runs it: sinusoid_5x10
+  with its config (4 tasks x 5 steps), or the mnist_20x8 shape (144-50-10, 1 task x 20
+  steps of 8) on synthetic 144-feature data (no download)."""
+  import jax
+  import jax.numpy as jnp
+  from mplp import config as config_lib
+  from mplp.tasks import jit_with_task
+  if name == "sinusoid_meta_step":
+    cfg = config_lib.load("sinusoid_5x10")
+    task = config_lib.build_task(cfg)
+  else:
+    cfg = config_lib.load("mnist_20x8")
+    task = _synthetic_images(144)
+  trainer = config_lib.build_trainer(cfg, config_lib.build_network(cfg, task))
+  state = jit_with_task(trainer.init, task)(jax.random.PRNGKey(0))
+  compile_s, times = _time_meta_steps(jit_with_task(trainer.step, task), state, repeats)
   median = statistics.median(times)
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   return {"median_s": median, "min_s": min(times), "repeats": repeats, "compile_s": compile_s,
@@ -173,17 +178,11 @@ def run_devices(name: str, repeats: int) -> dict:
   task = config_lib.build_task(cfg)
   trainer = config_lib.build_trainer(cfg, config_lib.build_network(cfg, task))
   state = distributed.replicate(jit_with_task(trainer.init, task)(jax.random.PRNGKey(0)), trainer.mesh)
-  step = jit_with_task(trainer.step, task)
-  state, _ = jax.block_until_ready(step(state))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    state, _ = jax.block_until_ready(step(state))
-    times.append(time.perf_counter() - t)
+  compile_s, times = _time_meta_steps(jit_with_task(trainer.step, task), state, repeats)
   median = statistics.median(times)
   return {"median_s": median, "meta_steps_per_s": 1 / median, "devices": n,
           "device_count": jax.device_count(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-          "compile_s": float("nan")}
+          "compile_s": compile_s}
 
 
 def run_one(name: str, repeats: int) -> dict:

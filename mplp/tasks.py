@@ -34,8 +34,7 @@ def jit_with_task(fn, task):
   closed over as a constant."""
   leaves = jax.tree_util.tree_leaves(task)
   if len(leaves) == 1 and leaves[0] is task:  # not a pytree
-    jitted = jax.jit(lambda *args: fn(*args, task))
-    return jitted
+    return jax.jit(lambda *args: fn(*args, task))
   jitted = jax.jit(fn)
   return lambda *args: jitted(*args, task)
 
