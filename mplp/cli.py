@@ -3,6 +3,9 @@
     mplp train EXPERIMENT [--steps N] [--seed S] [--out DIR] [--wandb MODE] [--resume] [--set key=value ...]
                           [--devices N] [--coordinator HOST:PORT --num-processes N --process-id I]
 
+    mplp eval (RUN_DIR | --pretrained NAME | --reference PATH.npy --experiment NAME) [--tasks N] ...
+    mplp analyze (RUN_DIR | --pretrained NAME | --reference PATH.npy --experiment NAME) [--tasks N] ...
+
 EXPERIMENT names a config in `experiments/` (sinusoid_5x10, maml_sinusoid_2x10,
 digits_20x8, mnist_20x8, ...) or is a path to a `.toml`. Bad input ends with one line
 `mplp: error: ...` (exit status 2) and leaves existing outputs as they were.
@@ -44,21 +47,47 @@ def _parser() -> argparse.ArgumentParser:
   e = sub.add_parser("eval", help="evaluate a rule against tuned SGD and Adam",
                      description="The paper's protocol: N fresh tasks and inner networks, the same "
                                  "for every method; held-out metric after each inner step.")
-  src = e.add_mutually_exclusive_group(required=True)
+  _source_args(e, tasks=100)
+  e.add_argument("--tune-tasks", type=int, default=20, help="tasks for tuning the baselines' learning rates")
+  e.add_argument("--optimizers", nargs="+", default=["sgd", "adam"], help="optax baselines by name")
+
+  n = sub.add_parser("analyze", help="compare a rule's updates and messages with the true gradients",
+                     description="Along the rule's inner runs: per layer and step, the cosine of its "
+                                 "updates with the negative gradient and how much of dL/d(output) its "
+                                 "messages carry (mplp.analysis).")
+  _source_args(n, tasks=20)
+  return p
+
+
+def _source_args(p, tasks: int):
+  """Where the rule comes from, and the options `eval` and `analyze` share."""
+  src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("run_dir", nargs="?", help="a `mplp train` output directory (newest checkpoint)")
   src.add_argument("--pretrained", metavar="NAME", help="a rule shipped with mplp")
   src.add_argument("--reference", metavar="PATH.npy", help="the authors' published flat weights")
-  e.add_argument("--experiment", help="with --reference: sinusoid_5x10, maml_sinusoid_2x10 or mnist_20x8")
-  e.add_argument("--reference-prior", metavar="PATH.npy", help="with --reference: the MAML experiment's learned init")
-  e.add_argument("--tasks", type=int, default=100, help="evaluation tasks (default 100)")
-  e.add_argument("--tune-tasks", type=int, default=20, help="tasks for tuning the baselines' learning rates")
-  e.add_argument("--seed", type=int, default=0)
-  e.add_argument("--out", help="output directory (default runs/eval-SOURCE-seedS)")
-  e.add_argument("--optimizers", nargs="+", default=["sgd", "adam"], help="optax baselines by name")
-  e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+  p.add_argument("--experiment", help="with --reference: sinusoid_5x10, maml_sinusoid_2x10 or mnist_20x8")
+  p.add_argument("--reference-prior", metavar="PATH.npy", help="with --reference: the MAML experiment's learned init")
+  p.add_argument("--tasks", type=int, default=tasks, help=f"tasks (default {tasks})")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", help=f"output directory (default runs/{p.prog.split()[-1]}-SOURCE-seedS)")
+  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="transfer: change the network or task, e.g. --set network.activation=step")
-  e.add_argument("--wandb", default="disabled", choices=WANDB_MODES)
-  return p
+  p.add_argument("--wandb", default="disabled", choices=WANDB_MODES)
+
+
+def _load_source(a):
+  """(config, trainer, rule, task, name) from a run directory, a shipped rule or the
+  authors' weights."""
+  from pathlib import Path
+  from mplp import rules
+  if a.reference:
+    if not a.experiment:
+      raise ConfigError(f"--experiment is required with --reference; known: {list(rules.PUBLISHED)}")
+    return (*rules.from_reference(a.reference, a.experiment, a.reference_prior, a.overrides),
+            f"reference-{a.experiment}")
+  if a.pretrained:
+    return (*rules.from_pretrained(a.pretrained, a.overrides), f"pretrained-{a.pretrained}")
+  return (*rules.from_run(a.run_dir, a.overrides), Path(a.run_dir).name)
 
 
 def _train(a) -> int:
@@ -88,22 +117,11 @@ def _train(a) -> int:
 def _eval(a) -> int:
   import dataclasses
   import jax
-  from pathlib import Path
-  from mplp import evaluation, report, rules
+  from mplp import evaluation, report
   from mplp.tasks import Sinusoid
   if a.tasks < 2 or a.tune_tasks < 1:
     raise ConfigError(f"--tasks must be >= 2 and --tune-tasks >= 1, got {a.tasks} and {a.tune_tasks}")
-  if a.reference:
-    if not a.experiment:
-      raise ConfigError(f"--experiment is required with --reference; known: {list(rules.PUBLISHED)}")
-    cfg, trainer, rule, task = rules.from_reference(a.reference, a.experiment, a.reference_prior, a.overrides)
-    name = f"reference-{a.experiment}"
-  elif a.pretrained:
-    cfg, trainer, rule, task = rules.from_pretrained(a.pretrained, a.overrides)
-    name = f"pretrained-{a.pretrained}"
-  else:
-    cfg, trainer, rule, task = rules.from_run(a.run_dir, a.overrides)
-    name = Path(a.run_dir).name
+  cfg, trainer, rule, task, name = _load_source(a)
   for opt in a.optimizers:  # refuse unknown names before any work
     try:
       evaluation.optax_optimizer(opt)
@@ -130,6 +148,30 @@ def _eval(a) -> int:
   return 0
 
 
+def _analyze(a) -> int:
+  import jax
+  from mplp import analysis, report
+  from mplp.tasks import jit_with_task
+  if a.tasks < 1:
+    raise ConfigError(f"--tasks must be >= 1, got {a.tasks}")
+  cfg, trainer, rule, task, name = _load_source(a)
+  keys = jax.random.split(jax.random.PRNGKey(a.seed), a.tasks)
+  fn = lambda tr, st, k, task: analysis.alignment(trainer, tr, st, task, k)
+  curves = jit_with_task(fn, task)(rule.trainable, rule.stats, keys)
+  summary = analysis.summarize(curves, analysis.layer_names(trainer.network))
+  out = report.write_analysis(summary, a.out or f"runs/analyze-{name}-seed{a.seed}", a.tasks, cfg.to_dict())
+  print((out / "analysis.md").read_text())
+  if a.wandb != "disabled":
+    from mplp.tracking import start_wandb
+    run = start_wandb(a.wandb, out, {**cfg.to_dict(), "analyze": vars(a)}, cfg.run.wandb_project)
+    for t in range(trainer.inner_steps):
+      run.log({f"{layer}/{m}": v["mean"][t] for layer, per in summary.items() for m, v in per.items()
+               if v["mean"][t] is not None}, step=t)
+    run.finish()
+  print(f"outputs in {out}")
+  return 0
+
+
 def main(argv=None) -> int:
   from mplp.train import RunError
   a = _parser().parse_args(argv)
@@ -139,6 +181,8 @@ def main(argv=None) -> int:
       return _train(a)
     if a.command == "eval":
       return _eval(a)
+    if a.command == "analyze":
+      return _analyze(a)
   except USER_ERRORS + (RunError,) as e:
     print(f"mplp: error: {e}", file=sys.stderr)
     return 2

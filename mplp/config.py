@@ -76,6 +76,11 @@ class MetaConfig:
   pool_size: int = _f(128, lo=0, doc="pre-sampled initial networks (0: fresh per task)")
   remat: bool = _f(False, doc="recompute each inner step in the backward pass (agent slices always are)")
   truncation: int = _f(0, lo=0, doc="inner steps per meta-gradient window (0: whole unroll)")
+  estimator: str = _f("backprop", choices=("backprop", "truncated", "es", "pes"),
+                      doc="meta-gradient: backprop / es over whole unrolls; truncated / pes over "
+                          "windows of meta.truncation steps (mplp.estimators)")
+  es_sigma: float = _f(0.01, lo=0.0, lo_open=True, doc="es/pes: perturbation std")
+  es_pairs: int = _f(8, lo=1, doc="es/pes: antithetic pairs per meta-step")
   max_bad_steps: int = _f(20, lo=1, doc="stop after this many consecutive non-finite steps")
 
 
@@ -188,6 +193,14 @@ def _check_consistency(c: Config):
   if c.meta.truncation and c.task.inner_steps % c.meta.truncation:
     raise ConfigError(f"meta.truncation: {c.meta.truncation} must divide task.inner_steps "
                       f"({c.task.inner_steps}); allowed: a divisor of it, or 0 for the whole unroll")
+  windowed = c.meta.estimator in ("truncated", "pes")
+  if windowed and not 0 < c.meta.truncation < c.task.inner_steps + 1:
+    raise ConfigError(f"meta.truncation: meta.estimator = {c.meta.estimator!r} needs a window; "
+                      f"allowed: a divisor of task.inner_steps ({c.task.inner_steps})")
+  if not windowed and c.meta.truncation:
+    raise ConfigError(f"meta.estimator: {c.meta.estimator!r} uses whole unrolls but meta.truncation = "
+                      f"{c.meta.truncation}; allowed with a window: 'truncated' or 'pes' "
+                      "(or set meta.truncation = 0)")
   if c.meta.learn_init and c.meta.pool_size:
     raise ConfigError("meta.pool_size: must be 0 when meta.learn_init = true (tasks start from "
                       "the learned initialization, not from a pool)")
@@ -278,7 +291,7 @@ def build_network(c: Config, task):
 
 def build_trainer(c: Config, network):
   """The `MetaTrainer` (with a device mesh when more than one device is used)."""
-  from mplp import distributed
+  from mplp import distributed, estimators
   from mplp.meta_train import MetaTrainer, OuterLoss
   from mplp.optim import outer_optimizer
   m = c.meta
@@ -290,4 +303,5 @@ def build_trainer(c: Config, network):
                               m.clip_global_norm, m.lr_drop_step, m.lr_after_drop)
   loss = OuterLoss(m.hint_weight, m.heldout_weight, m.remember_weight, m.update_l2_weight)
   return MetaTrainer(network, optimizer, c.task.inner_steps, c.task.batch_size, c.task.eval_size,
-                     m.outer_batch, loss, m.learn_init, m.pool_size, m.remat, m.truncation, mesh)
+                     m.outer_batch, loss, m.learn_init, m.pool_size, m.remat, m.truncation, mesh,
+                     estimators.make(m.estimator, m.es_sigma, m.es_pairs))

@@ -37,6 +37,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mplp import minibatch_init
+from mplp.estimators import Backprop
 from mplp.learned import MetaParams
 from mplp.network import Network
 
@@ -59,7 +60,8 @@ class TrainState(NamedTuple):
   pool: Any             # ((W [P, I, O], b [P, O]), ...) initial inner networks, or ()
   bad_steps: jax.Array  # [] int32, consecutive skipped (non-finite) steps
   skipped: jax.Array    # [] int32, all skipped steps
-  unrolls: Any = ()     # Unroll with a leading [outer_batch] axis (truncated backprop), or ()
+  unrolls: Any = ()     # the estimator's carry: () for whole unrolls; Unroll [outer_batch]
+                        # (truncated backprop) or PESCarry [pairs, outer_batch] (PES)
 
 
 class Unroll(NamedTuple):
@@ -88,6 +90,9 @@ class MetaTrainer:
     truncation: K, inner steps per meta-gradient window (0: the whole unroll, K = T);
       must divide `inner_steps`.
     mesh: a `Mesh` with axis 'tasks' to split the outer batch over (None: no sharding).
+    estimator: how the meta-gradient is estimated (`mplp.estimators`: `Backprop()`, the
+      whole unroll or, with `truncation`, one window; `ES(sigma, pairs)`, or PES with
+      `truncation`).
   """
   network: Network
   optimizer: optax.GradientTransformation
@@ -101,6 +106,7 @@ class MetaTrainer:
   remat: bool = False
   truncation: int = 0
   mesh: Optional[Mesh] = None
+  estimator: Any = Backprop()
 
   def __post_init__(self):
     if self.truncation and self.inner_steps % self.truncation:
@@ -146,6 +152,7 @@ class MetaTrainer:
       unrolls = jax.tree_util.tree_map(
           lambda a: jnp.zeros((self.outer_batch,) + a.shape, a.dtype),
           Unroll(jax.random.PRNGKey(0), zero, blank))
+    unrolls = self.estimator.init_carry(self, unrolls, trainable)
     return TrainState(zero, k_rng, trainable, meta.stats, self.optimizer.init(trainable),
                       pool, zero, zero, unrolls)
 
@@ -227,8 +234,8 @@ class MetaTrainer:
   def step(self, state: TrainState, task):
     """One meta-step: (state, task) -> (new state, metrics). Pure; jit it."""
     key = jax.random.fold_in(state.rng, state.step)
-    (loss, (metrics, unrolls)), grads = jax.value_and_grad(self.outer_loss, has_aux=True)(
-        state.trainable, state.stats, state.pool, key, task, state.unrolls)
+    loss, metrics, grads, unrolls = self.estimator.estimate(
+        self, state.trainable, state.stats, state.pool, key, task, state.unrolls)
     grad_norm = optax.tree_utils.tree_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.trainable)
@@ -239,9 +246,8 @@ class MetaTrainer:
         trainable=keep(trainable, state.trainable),
         opt_state=keep(opt_state, state.opt_state),
         bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
-        skipped=state.skipped + (~ok).astype(jnp.int32))
-    if self.truncation:  # a non-finite window restarts every run on a fresh task
-      new = new._replace(unrolls=unrolls._replace(t=jnp.where(ok, unrolls.t, 0)))
+        skipped=state.skipped + (~ok).astype(jnp.int32),
+        unrolls=self.estimator.restart(unrolls, ok))  # a non-finite window restarts every run
     metrics = {"meta_loss": loss, **metrics, "grad_norm": grad_norm,
                "skipped": new.skipped, "finite": ok}
     return new, metrics

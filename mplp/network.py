@@ -139,6 +139,13 @@ class Network:
   def step_with_stats(self, meta, state: InnerState, x, y):
     """`inner_step` that also returns the statistics each agent kind used
     (per layer, per kind; what `mplp.minibatch_init` averages)."""
+    new_state, metrics, used, _ = self.step_traced(meta, state, x, y)
+    return new_state, metrics, used
+
+  def step_traced(self, meta, state: InnerState, x, y):
+    """`step_with_stats` that also returns the message every layer received: a tuple,
+    for each layer but the loss, of [B, U, M] (U = the layer's output width), the
+    message about its output (what `mplp.analysis` compares with dL/d output)."""
     self._check(state, x, y)
     n = len(self.layers)
     h, memories = x, []
@@ -147,13 +154,14 @@ class Network:
       memories.append(mem)
     loss_layer = self.layers[-1]
     _, mem = loss_layer.forward(state[-1], h, y)
-    new_state, used = [None] * n, [None] * n
+    new_state, used, received = [None] * n, [None] * n, [None] * (n - 1)
     new_state[-1], msg, used[-1] = loss_layer.backward(self.rule, meta, n - 1, state[-1], mem)
     for i in reversed(range(n - 1)):
+      received[i] = msg
       new_state[i], msg, used[i] = self.layers[i].backward(
           self.rule, meta, i, state[i], memories[i], msg)
     metrics = {"loss": loss_layer.value(h, y)}
-    return tuple(new_state), metrics, tuple(used)
+    return tuple(new_state), metrics, tuple(used), tuple(received)
 
   def inner_step(self, meta, state: InnerState, x, y):
     """One step of learning on a batch.

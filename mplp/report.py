@@ -1,10 +1,15 @@
-"""Evaluation reports: `eval.json`, a markdown table and PNG plots (matplotlib, Agg).
+"""Reports of `mplp eval` and `mplp analyze`: JSON, a markdown table, PNG plots
+(matplotlib, Agg).
 
     DIR/eval.json     {"metric", "methods": {method: {"mean", "sd", "ci95"} per step},
                        "all_metrics", "learning_rates", "grids", "tasks", "config"}
     DIR/eval.md       the table (mean +- 95% CI per inner step)
     DIR/curves.png    the metric vs inner step, a band of +-95% CI per method
     DIR/fits.png      sinusoid only: targets, observed points, the rule's fit after each step
+
+    DIR/analysis.json  {"layers": {layer: {metric: {"mean", "sd"} per inner step}}, "tasks", "config"}
+    DIR/analysis.md    mean over steps and tasks per layer and metric
+    DIR/alignment.png  update_cos (Dense layers) and message_r (all layers) vs inner step
 """
 
 from __future__ import annotations
@@ -90,11 +95,58 @@ def write(result: dict, out_dir, kind: str, config: dict, fits=None) -> Path:
          "all_metrics": result["methods"], "learning_rates": result["learning_rates"],
          "grids": result["grids"], "tasks": result["tasks"], "tune_tasks": result["tune_tasks"],
          "config": config}
-  tmp = out / "eval.json.tmp"
-  tmp.write_text(json.dumps(doc, indent=1) + "\n")
-  os.replace(tmp, out / "eval.json")
+  _write_json(out / "eval.json", doc)
   (out / "eval.md").write_text(table(doc, metric))
   plot_curves(doc, metric, out / "curves.png")
   if fits:
     plot_fits(fits, out / "fits.png")
+  return out
+
+
+def _write_json(path: Path, doc: dict):
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(doc, indent=1) + "\n")
+  os.replace(tmp, path)
+
+
+def analysis_table(doc: dict) -> str:
+  from mplp.analysis import METRICS
+  lines = [f"Alignment with the true gradient, mean over {doc['tasks']} tasks and the inner steps "
+           "(NaN-free steps).", "", "| layer | " + " | ".join(METRICS) + " |",
+           "|" + "---|" * (len(METRICS) + 1)]
+  for layer, per in doc["layers"].items():
+    cells = [f"{np.nanmean(np.array(per[m]['mean'], float)):.3f}" if m in per else "" for m in METRICS]
+    lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_alignment(doc: dict, path):
+  plt = _plt()
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  for ax, metric, title in ((axes[0], "update_cos", "cos(update, -gradient)"),
+                            (axes[1], "message_r", "message: fraction of dL/dh recovered")):
+    for layer, per in doc["layers"].items():
+      if metric in per:
+        mean, sd = np.array(per[metric]["mean"], float), np.array(per[metric]["sd"], float)
+        steps = np.arange(len(mean))
+        ax.plot(steps, mean, marker="o", label=layer)
+        ax.fill_between(steps, mean - sd, mean + sd, alpha=0.15)
+    ax.axhline(0.0, color="k", lw=0.5)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("inner step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_analysis(summary: dict, out_dir, tasks: int, config: dict) -> Path:
+  """Write analysis.json, analysis.md and alignment.png; returns the directory."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  doc = {"layers": summary, "tasks": tasks, "config": config}
+  _write_json(out / "analysis.json", doc)
+  (out / "analysis.md").write_text(analysis_table(doc))
+  plot_alignment(doc, out / "alignment.png")
   return out

@@ -54,7 +54,7 @@ def test_remat_gives_the_same_meta_gradient():
 
 def test_truncation_with_window_T_equals_full_backprop():
   full, task = _trainer(["meta.truncation=0"])
-  trunc, _ = _trainer(["meta.truncation=4"])
+  trunc, _ = _trainer(["meta.truncation=4", "meta.estimator=truncated"])
   s_full = jit_with_task(full.init, task)(jax.random.PRNGKey(0))
   s_trunc = jit_with_task(trunc.init, task)(jax.random.PRNGKey(0))
   step_full, step_trunc = jit_with_task(full.step, task), jit_with_task(trunc.step, task)
@@ -69,7 +69,7 @@ def test_truncation_with_window_T_equals_full_backprop():
 def test_truncated_windows_carry_the_inner_state():
   """With the meta-parameters frozen (SGD, lr 0), four windows of one step walk the same
   inner trajectory as one full unroll of four steps on the same task."""
-  trunc, task = _trainer(["meta.truncation=1"], optimizer=optax.sgd(0.0))
+  trunc, task = _trainer(["meta.truncation=1", "meta.estimator=truncated"], optimizer=optax.sgd(0.0))
   state = jit_with_task(trunc.init, task)(jax.random.PRNGKey(0))
   step = jit_with_task(trunc.step, task)
   heldouts, keys = [], []
@@ -108,11 +108,14 @@ def _assert_same(a, b):
   assert sum(k.startswith("grad") for k in a) > 10
 
 
-def test_sharded_over_four_devices_equals_one_device(tmp_path):
+@pytest.mark.parametrize("estimator", [[], ["--set", "meta.estimator=es", "meta.es_pairs=3"]],
+                         ids=["backprop", "es"])
+def test_sharded_over_four_devices_equals_one_device(tmp_path, estimator):
+  """The outer batch (inside every ES pair) split over 4 devices: the same meta-step."""
   flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
   results = {}
   for n in (1, 4):
-    proc = _run([str(tmp_path / f"d{n}.npz"), str(n)], flags)
+    proc = _run([str(tmp_path / f"d{n}.npz"), str(n), *estimator], flags)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     results[n] = _load(tmp_path / f"d{n}.npz")

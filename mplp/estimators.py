@@ -1,0 +1,149 @@
+"""Meta-gradient estimators: how `MetaTrainer.step` gets d(outer loss) / d(trainable).
+
+An estimator is a frozen dataclass with two pure methods (cf. learned_optimization's
+gradient estimators, one per file there):
+
+    init_carry(trainer, unrolls, trainable) -> carry     (what it keeps between meta-steps)
+    estimate(trainer, trainable, stats, pool, key, task, carry)
+        -> (loss [], metrics {name: []}, grads (like trainable), carry)
+
+With `trainer.truncation == 0` each meta-step sees whole unrolls; with a window K each
+meta-step advances runs in progress by K inner steps (`mplp.meta_train.Unroll`).
+
+* `Backprop` — `jax.grad` through the unroll: the whole one (the config's `backprop`) or
+  one window of runs in progress (`truncated`; biased: the window's dependence on earlier
+  windows is cut).
+* `ES` — antithetic evolution strategies: `pairs` perturbations eps ~ N(0, sigma^2 I) of
+  every trainable tensor; every pair evaluates the same outer batch of tasks (common
+  random numbers) at trainable +- eps and estimates
+      g = mean_pairs (L(+eps) - L(-eps)) / (2 sigma^2) * eps,
+  an unbiased gradient of the Gaussian-smoothed outer loss. It needs no derivative of
+  the inner network, so it works through a step activation. With a window it is
+  persistent ES (PES, Vicol et al. 2021): each pair keeps its own +/- runs in progress
+  and the sum of its perturbations since the run started, and multiplies the window's
+  loss difference by that sum, which makes the estimate unbiased across truncations.
+  Pairs are `vmap`ped; inside each, the outer batch is split over the mesh as usual.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+def _tree_stack(tree, n):
+  return jax.tree_util.tree_map(lambda a: jnp.zeros((n,) + a.shape, a.dtype), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backprop:
+  """Reverse-mode gradient through the unroll (or through one window of it)."""
+
+  name = "backprop"
+
+  def init_carry(self, trainer, unrolls, trainable):
+    del trainer, trainable
+    return unrolls
+
+  def estimate(self, trainer, trainable, stats, pool, key, task, carry):
+    (loss, (metrics, carry)), grads = jax.value_and_grad(trainer.outer_loss, has_aux=True)(
+        trainable, stats, pool, key, task, carry)
+    return loss, metrics, grads, carry
+
+  def restart(self, carry, ok):
+    """After a non-finite step, start every run in progress over on a fresh task."""
+    return carry._replace(t=jnp.where(ok, carry.t, 0)) if carry else carry
+
+
+class PESCarry(NamedTuple):
+  """Persistent ES state: the antithetic runs in progress of every pair."""
+  pos: Any    # Unroll [pairs, outer_batch, ...] at trainable + eps
+  neg: Any    # Unroll [pairs, outer_batch, ...] at trainable - eps
+  noise: Any  # like trainable, [pairs, ...]: the sum of eps since the runs started
+
+
+@dataclasses.dataclass(frozen=True)
+class ES:
+  """Antithetic ES (whole unrolls) or PES (windows of runs in progress).
+
+  Attributes:
+    sigma: standard deviation of the perturbation of every trainable value.
+    pairs: antithetic pairs per meta-step (2 * pairs * outer_batch inner runs).
+  """
+  sigma: float = 0.01
+  pairs: int = 8
+  name = "es"
+
+  def __post_init__(self):
+    if not self.sigma > 0:
+      raise ValueError(f"meta.es_sigma: must be > 0, got {self.sigma!r}")
+    if not isinstance(self.pairs, int) or self.pairs < 1:
+      raise ValueError(f"meta.es_pairs: must be an int >= 1, got {self.pairs!r}")
+
+  def init_carry(self, trainer, unrolls, trainable):
+    if not trainer.truncation:
+      return ()
+    runs = _tree_stack(unrolls, self.pairs)
+    return PESCarry(runs, runs, _tree_stack(trainable, self.pairs))
+
+  def _noise(self, key, trainable):
+    """eps [pairs, ...] for every trainable tensor."""
+    leaves, treedef = jax.tree_util.tree_flatten(trainable)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    eps = [self.sigma * jax.random.normal(k, (self.pairs,) + a.shape, a.dtype)
+           for k, a in zip(keys, leaves)]
+    return jax.tree_util.tree_unflatten(treedef, eps)
+
+  def estimate(self, trainer, trainable, stats, pool, key, task, carry):
+    eps = self._noise(jax.random.fold_in(key, 1), trainable)
+    shift = lambda sign, e: jax.tree_util.tree_map(lambda t, d: t + sign * d, trainable, e)
+
+    if trainer.truncation:
+      restart = carry.pos.t[:, 0] == 0  # [pairs]: runs of a pair start and advance together
+      noise = jax.tree_util.tree_map(
+          lambda acc, e: jnp.where(restart.reshape((-1,) + (1,) * (e.ndim - 1)), 0, acc) + e,
+          carry.noise, eps)
+
+      def pair(e, pos, neg):
+        lp, (mp, pos) = trainer.outer_loss(shift(+1, e), stats, pool, key, task, pos)
+        ln, (mn, neg) = trainer.outer_loss(shift(-1, e), stats, pool, key, task, neg)
+        return lp, ln, mp, mn, pos, neg
+
+      lp, ln, mp, mn, pos, neg = jax.vmap(pair)(eps, carry.pos, carry.neg)
+      carry = PESCarry(pos, neg, noise)
+    else:
+      noise = eps
+
+      def pair(e):
+        lp, (mp, _) = trainer.outer_loss(shift(+1, e), stats, pool, key, task)
+        ln, (mn, _) = trainer.outer_loss(shift(-1, e), stats, pool, key, task)
+        return lp, ln, mp, mn
+
+      lp, ln, mp, mn = jax.vmap(pair)(eps)
+    weight = (lp - ln) / (2 * self.sigma ** 2)  # [pairs]
+    grads = jax.tree_util.tree_map(
+        lambda n: jnp.tensordot(weight, n, axes=1) / self.pairs, noise)
+    metrics = jax.tree_util.tree_map(lambda a, b: (jnp.mean(a) + jnp.mean(b)) / 2, mp, mn)
+    metrics["es_loss_gap"] = jnp.mean(jnp.abs(lp - ln))
+    return (jnp.mean(lp) + jnp.mean(ln)) / 2, metrics, grads, carry
+
+  def restart(self, carry, ok):
+    if not carry:
+      return carry
+    fix = lambda u: u._replace(t=jnp.where(ok, u.t, 0))
+    return carry._replace(pos=fix(carry.pos), neg=fix(carry.neg))
+
+
+ESTIMATORS = ("backprop", "truncated", "es", "pes")
+
+
+def make(name: str, sigma: float = 0.01, pairs: int = 8):
+  """The estimator a config names (`truncated` / `pes` also need `meta.truncation`)."""
+  if name in ("backprop", "truncated"):
+    return Backprop()
+  if name in ("es", "pes"):
+    return ES(sigma, pairs)
+  raise ValueError(f"meta.estimator: {name!r} is not allowed; allowed: {list(ESTIMATORS)}")
