@@ -5,6 +5,7 @@
 
     mplp eval (RUN_DIR | --pretrained NAME | --reference PATH.npy --experiment NAME) [--tasks N] ...
     mplp analyze (RUN_DIR | --pretrained NAME | --reference PATH.npy --experiment NAME) [--tasks N] ...
+    mplp transfer EVAL_DIR [EVAL_DIR ...] [--out TABLE.md]
 
 EXPERIMENT names a config in `experiments/` (sinusoid_5x10, maml_sinusoid_2x10,
 digits_20x8, mnist_20x8, ...) or is a path to a `.toml`. Bad input ends with one line
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
                                  "updates with the negative gradient and how much of dL/d(output) its "
                                  "messages carry (mplp.analysis).")
   _source_args(n, tasks=20)
+
+  r = sub.add_parser("transfer", help="one table over several `mplp eval` outputs",
+                     description="Collect `mplp eval` outputs (e.g. one rule on other activations, "
+                                 "widths or data sets via --set) into one markdown table.")
+  r.add_argument("eval_dirs", nargs="+", help="`mplp eval` output directories")
+  r.add_argument("--out", help="also write the table to this file")
   return p
 
 
@@ -172,6 +179,19 @@ def _analyze(a) -> int:
   return 0
 
 
+def _transfer(a) -> int:
+  from pathlib import Path
+  from mplp import report
+  try:
+    text = report.transfer_table(a.eval_dirs)
+  except FileNotFoundError as e:
+    raise ConfigError(str(e)) from None
+  print(text)
+  if a.out:
+    Path(a.out).write_text(text)
+  return 0
+
+
 def main(argv=None) -> int:
   from mplp.train import RunError
   a = _parser().parse_args(argv)
@@ -183,6 +203,8 @@ def main(argv=None) -> int:
       return _eval(a)
     if a.command == "analyze":
       return _analyze(a)
+    if a.command == "transfer":
+      return _transfer(a)
   except USER_ERRORS + (RunError,) as e:
     print(f"mplp: error: {e}", file=sys.stderr)
     return 2

@@ -7,6 +7,9 @@
     DIR/curves.png    the metric vs inner step, a band of +-95% CI per method
     DIR/fits.png      sinusoid only: targets, observed points, the rule's fit after each step
 
+    transfer table: one row per `mplp eval` directory (network, task, the rule and the best
+                    tuned baseline at the last step), from their eval.json files
+
     DIR/analysis.json  {"layers": {layer: {metric: {"mean", "sd"} per inner step}}, "tasks", "config"}
     DIR/analysis.md    mean over steps and tasks per layer and metric
     DIR/alignment.png  update_cos (Dense layers) and message_r (all layers) vs inner step
@@ -150,3 +153,25 @@ def write_analysis(summary: dict, out_dir, tasks: int, config: dict) -> Path:
   (out / "analysis.md").write_text(analysis_table(doc))
   plot_alignment(doc, out / "alignment.png")
   return out
+
+
+def transfer_table(eval_dirs) -> str:
+  """One markdown table over `mplp eval` outputs (e.g. one rule evaluated with several
+  `--set` overrides): the network and task of each, the rule's and the best tuned
+  baseline's metric after the last inner step, and which is ahead."""
+  lines = ["| eval | network | task | mplp | best baseline | mplp - baseline |", "|---|---|---|---|---|---|"]
+  for d in eval_dirs:
+    path = Path(d) / "eval.json"
+    if not path.is_file():
+      raise FileNotFoundError(f"{d}: no eval.json (not an `mplp eval` output directory)")
+    doc = json.loads(path.read_text())
+    net, task = doc["config"]["network"], doc["config"]["task"]
+    size = f"-{task['image_size']}px" if task["name"] in ("mnist", "fashion_mnist") else ""
+    final = {m: r["mean"][-1] for m, r in doc["methods"].items()}
+    rule = final.pop("mplp")
+    better = max if doc["metric"] == "accuracy" else min
+    name, base = better(final.items(), key=lambda kv: kv[1])
+    lines.append(f"| {Path(d).name} | {'-'.join(map(str, net['hidden']))} {net['activation']} | "
+                 f"{task['name']}{size}, {task['inner_steps']} steps | {rule:.4f} | {base:.4f} ({name}) | "
+                 f"{rule - base:+.4f} |")
+  return "\n".join(lines) + "\n"

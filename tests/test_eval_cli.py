@@ -62,6 +62,14 @@ def test_eval_of_a_run_and_transfer_to_the_step_activation(tmp_path):
   assert doc["config"]["network"]["activation"] == "step"
   sgd = doc["methods"][f"sgd(lr={doc['learning_rates']['sgd']:g})"]["mean"]
   assert sgd[0] == pytest.approx(doc["methods"]["mplp"]["mean"][0])  # same tasks, same start
+  # the transfer table: one row per eval directory, numbers from its eval.json
+  table = tmp_path / "transfer.md"
+  assert main(["transfer", str(tmp_path / "eval"), "--out", str(table)]) == 0
+  row = table.read_text().splitlines()[2].split(" | ")
+  assert row[1:3] == ["20-20 step", "sinusoid, 2 steps"]
+  rule, best = doc["methods"]["mplp"]["mean"][-1], min(r["mean"][-1] for m, r in doc["methods"].items() if m != "mplp")
+  assert float(row[3]) == pytest.approx(rule, abs=1e-4) and float(row[4].split()[0]) == pytest.approx(best, abs=1e-4)
+  assert main(["transfer", str(tmp_path)]) == 2  # not an eval directory
 
 
 def _error(capsys, argv):
@@ -92,4 +100,7 @@ def test_every_shipped_rule_evaluates(tmp_path):
   for name in rules.shipped():
     doc, _ = _eval(tmp_path / name, "--pretrained", name, "--tasks", "8", "--tune-tasks", "2")
     curve = doc["methods"]["mplp"]["mean"]
-    assert curve[-1] < curve[0]  # a trained rule learns
+    sign = 1 if doc["metric"] == "loss" else -1  # lower loss, or higher accuracy, is better
+    assert sign * curve[-1] < sign * curve[0]  # a trained rule learns, and beats the tuned
+    baselines = [r["mean"][-1] for m, r in doc["methods"].items() if m != "mplp"]
+    assert all(sign * curve[-1] < sign * b for b in baselines), (name, curve[-1], baselines)
