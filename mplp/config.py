@@ -82,6 +82,8 @@ class MetaConfig:
   es_sigma: float = _f(0.01, lo=0.0, lo_open=True, doc="es/pes: perturbation std")
   es_pairs: int = _f(8, lo=1, doc="es/pes: antithetic pairs per meta-step")
   max_bad_steps: int = _f(20, lo=1, doc="stop after this many consecutive non-finite steps")
+  init_rule: str = _f("", doc="start the rule and its statistics from a run directory or a shipped "
+                               "rule name (same network.preset); empty: a fresh rule")
 
 
 @dataclasses.dataclass(frozen=True)

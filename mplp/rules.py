@@ -114,3 +114,19 @@ def from_reference(path: str, experiment: str, prior: str | None = None, overrid
   except ValueError as e:
     raise config_lib.ConfigError(f"--reference: {e} (experiment {experiment})") from None
   return cfg, trainer, _Rule({"rule": meta.params, "init": init}, meta.stats), task
+
+
+def warm_start(source: str, trainable, stats):
+  """`(trainable, stats)` with the rule and statistics taken from `source` (a run
+  directory or a shipped rule name); the learned initialization is kept. The source must
+  have the same rule architecture (meta.init_rule)."""
+  try:
+    _, _, rule, _ = from_run(source) if Path(source).is_dir() else from_pretrained(source)
+  except config_lib.ConfigError as e:
+    raise config_lib.ConfigError(f"meta.init_rule: {e}") from None
+  shapes = lambda t: jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), t)
+  if (jax.tree_util.tree_structure(rule.trainable["rule"]) != jax.tree_util.tree_structure(trainable["rule"])
+      or shapes(rule.trainable["rule"]) != shapes(trainable["rule"]) or shapes(rule.stats) != shapes(stats)):
+    raise config_lib.ConfigError(f"meta.init_rule: the rule in {source!r} has another architecture than "
+                                 "this config's network.preset; allowed: a run or shipped rule of the same preset")
+  return {**trainable, "rule": rule.trainable["rule"]}, rule.stats

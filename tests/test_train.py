@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,6 +129,29 @@ def test_cli_errors_leave_outputs_untouched(tmp_path, capsys, finished_run):
   assert "y must have shape [N] = [5]" in msg
   assert _snapshot(out) == before
   assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+
+
+def test_warm_start_from_a_run(tmp_path, capsys, finished_run):
+  """meta.init_rule: the new run starts from the source run's newest rule and statistics
+  (its learned initialization is its own); another architecture is refused before
+  anything is written."""
+  out, cfg = finished_run
+  warm = config_lib.load("maml_sinusoid_2x10", TINY + ["run.steps=0", f"meta.init_rule='{out}'", "run.seed=5"])
+  state = train(warm, tmp_path / "warm", progress=False, log=lambda *a: None)["state"]
+  chex.assert_trees_all_equal(state.trainable["rule"], _restored(out, cfg).trainable["rule"])
+  chex.assert_trees_all_equal(state.stats, _restored(out, cfg).stats)
+  fresh = train(config_lib.load("maml_sinusoid_2x10", TINY + ["run.steps=0", "run.seed=5"]),
+                tmp_path / "fresh", progress=False)["state"]
+  chex.assert_trees_all_equal(state.trainable["init"], fresh.trainable["init"])
+  msg = _run_error(capsys, ["train", "sinusoid_5x10", "--out", str(tmp_path / "other"),
+                            "--set", f"meta.init_rule='{out}'"])
+  assert "meta.init_rule: the rule in" in msg and "another architecture" in msg
+  assert not (tmp_path / "other").exists()
+
+
+def _restored(out, cfg):
+  from mplp import rules
+  return checkpoint.restore(checkpoint.latest(out / "checkpoints"), rules._template(cfg))[0]
 
 
 def test_corrupted_checkpoint_refused_on_resume(tmp_path, capsys, finished_run):
