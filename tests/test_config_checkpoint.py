@@ -1,6 +1,7 @@
 """Configs are validated before any work; checkpoints round-trip exactly and refuse damage."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -96,3 +97,12 @@ def test_per_tensor_normalization_then_adam_matches_hand_computation():
   upd, _ = opt.update(grads, opt.init(grads), grads)
   ref, _ = optax.adam(0.1).update(out, optax.adam(0.1).init(out))
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), upd, ref)
+
+
+def test_every_experiment_config_is_valid():
+  names = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "experiments").glob("*.toml"))
+  assert {"sinusoid_5x10", "digits_20x8", "digits_step_pes"} <= set(names)
+  for name in names:
+    cfg = config_lib.load(name)
+    assert cfg.run.steps > 0, name
+  assert config_lib.load("digits_step_pes").meta.estimator == "pes"
