@@ -97,21 +97,25 @@ def _load(path):
     return {k: f[k] for k in f.files}
 
 
-def _assert_same(a, b):
+def _assert_same(a, b, grad_rtol=1e-5):
   """Outer loss, metrics and meta-gradient to 1e-5 relative (each gradient tensor
-  relative to its own scale). The parameter update is a function of these; with Adam's
-  first step, g / (|g| + 1e-8), elements whose gradient is nearly 0 amplify float
-  rounding, so it is not compared element by element."""
+  relative to its own scale, to `grad_rtol`). The parameter update is a function of
+  these; with Adam's first step, g / (|g| + 1e-8), elements whose gradient is nearly 0
+  amplify float rounding, so it is not compared element by element."""
   assert a.keys() == b.keys()
   for k in a:
-    np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5 * np.abs(a[k]).max(), err_msg=k)
+    tol = grad_rtol if k.startswith("grad") else 1e-5
+    np.testing.assert_allclose(b[k], a[k], rtol=tol, atol=tol * np.abs(a[k]).max(), err_msg=k)
   assert sum(k.startswith("grad") for k in a) > 10
 
 
 @pytest.mark.parametrize("estimator", [[], ["--set", "meta.estimator=es", "meta.es_pairs=3"]],
                          ids=["backprop", "es"])
 def test_sharded_over_four_devices_equals_one_device(tmp_path, estimator):
-  """The outer batch (inside every ES pair) split over 4 devices: the same meta-step."""
+  """The outer batch (inside every ES pair) split over 4 devices: the same meta-step.
+  An ES gradient is (L+ - L-) / (2 sigma^2) eps: float32 rounding of the losses (another
+  reduction order over devices, ~1e-7 relative) is amplified ~1/sigma = 100x, so ES
+  gradients are compared to 1e-3 of their scale (a wrong reduction would be off by O(1))."""
   flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
   results = {}
   for n in (1, 4):
@@ -119,7 +123,7 @@ def test_sharded_over_four_devices_equals_one_device(tmp_path, estimator):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     results[n] = _load(tmp_path / f"d{n}.npz")
-  _assert_same(results[1], results[4])
+  _assert_same(results[1], results[4], grad_rtol=1e-3 if estimator else 1e-5)
 
 
 def test_two_processes_equal_one_process(tmp_path):
