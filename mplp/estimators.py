@@ -42,8 +42,6 @@ def _tree_stack(tree, n):
 class Backprop:
   """Reverse-mode gradient through the unroll (or through one window of it)."""
 
-  name = "backprop"
-
   def init_carry(self, trainer, unrolls, trainable):
     del trainer, trainable
     return unrolls
@@ -75,7 +73,6 @@ class ES:
   """
   sigma: float = 0.01
   pairs: int = 8
-  name = "es"
 
   def __post_init__(self):
     if not self.sigma > 0:
