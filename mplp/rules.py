@@ -31,22 +31,25 @@ def _with_overrides(raw: dict, overrides: Sequence[str]) -> config_lib.Config:
   return config_lib.from_dict(config_lib.apply_overrides(raw, overrides))
 
 
-def _build(cfg, task=None):
-  """Task, and a trainer that starts every task from a fresh inner network (or the
-  learned initialization): the paper's evaluation protocol."""
-  task = task if task is not None else config_lib.build_task(cfg)
+def _one_device_trainer(cfg):
+  """(task, the config's trainer on one device)."""
+  task = config_lib.build_task(cfg)
   trainer = config_lib.build_trainer(
       dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, devices=1)),
       config_lib.build_network(cfg, task))
+  return task, trainer
+
+
+def _build(cfg):
+  """Task, and a trainer that starts every task from a fresh inner network (or the
+  learned initialization): the paper's evaluation protocol."""
+  task, trainer = _one_device_trainer(cfg)
   return task, dataclasses.replace(trainer, pool_size=0, mesh=None)
 
 
 def _template(cfg):
   """The shapes of the `TrainState` a run with `cfg` saves (nothing is computed)."""
-  task = config_lib.build_task(cfg)
-  trainer = config_lib.build_trainer(
-      dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, devices=1)),
-      config_lib.build_network(cfg, task))
+  task, trainer = _one_device_trainer(cfg)
   return jax.eval_shape(lambda: trainer.init(jax.random.PRNGKey(0), task))
 
 

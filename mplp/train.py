@@ -78,24 +78,20 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
   task = task if task is not None else config_lib.build_task(cfg)
   network = config_lib.build_network(cfg, task)
   trainer = config_lib.build_trainer(cfg, network)
-  warm = None
+
+  t0 = time.perf_counter()
+  task = distributed.replicate(task, trainer.mesh)
+  state = distributed.to_host(jit_with_task(trainer.init, task)(jax.random.PRNGKey(cfg.run.seed)))
   if cfg.meta.init_rule and latest is None:  # read (and refuse) before anything is written
     from mplp import rules
-    template = jax.eval_shape(lambda: trainer.init(jax.random.PRNGKey(0), task))
-    warm = rules.warm_start(cfg.meta.init_rule, template.trainable, template.stats)
+    trainable, stats = rules.warm_start(cfg.meta.init_rule, state.trainable, state.stats)
+    state = state._replace(trainable=trainable, stats=stats, opt_state=trainer.optimizer.init(trainable))
+    log(f"rule and statistics from {cfg.meta.init_rule}")
   writer = distributed.is_writer()
   if writer:
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
       _write_atomic(cfg_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
-
-  t0 = time.perf_counter()
-  task = distributed.replicate(task, trainer.mesh)
-  state = distributed.to_host(jit_with_task(trainer.init, task)(jax.random.PRNGKey(cfg.run.seed)))
-  if warm is not None:
-    trainable = {**state.trainable, "rule": warm[0]["rule"]}
-    state = state._replace(trainable=trainable, stats=warm[1], opt_state=trainer.optimizer.init(trainable))
-    log(f"rule and statistics from {cfg.meta.init_rule}")
   if latest is not None:
     state, meta = checkpoint.restore(latest, state)
     if writer:
