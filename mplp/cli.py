@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
   _source_args(e, tasks=100)
   e.add_argument("--tune-tasks", type=int, default=20, help="tasks for tuning the baselines' learning rates")
   e.add_argument("--optimizers", nargs="+", default=["sgd", "adam"], help="optax baselines by name")
+  e.add_argument("--against", nargs="+", default=[], metavar="RUN_DIR|NAME",
+                 help="other trained rules for the same task, on the same tasks (e.g. plain MAML)")
 
   n = sub.add_parser("analyze", help="compare a rule's updates and messages with the true gradients",
                      description="Along the rule's inner runs: per layer and step, the cosine of its "
@@ -134,10 +136,11 @@ def _eval(a) -> int:
       evaluation.optax_optimizer(opt)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+  others = [_against(source, cfg, a.overrides) for source in a.against]
   if isinstance(task, Sinusoid):
     task = dataclasses.replace(task, eval_grid=True)
   key = jax.random.PRNGKey(a.seed)
-  result = evaluation.compare(trainer, rule, task, key, a.tasks, a.tune_tasks, a.optimizers)
+  result = evaluation.compare(trainer, rule, task, key, a.tasks, a.tune_tasks, a.optimizers, others)
   fits = None
   if isinstance(task, Sinusoid):
     keys = jax.random.split(jax.random.split(key)[0], a.tasks)[:3]  # the first evaluation tasks
@@ -153,6 +156,24 @@ def _eval(a) -> int:
     run.finish()
   print(f"outputs in {out}")
   return 0
+
+
+def _against(source, cfg, overrides):
+  """(name, trainer, rule) of another trained rule whose task config equals `cfg`'s."""
+  from pathlib import Path
+  from mplp import rules
+  try:
+    other_cfg, trainer, rule, _ = rules.load(source, overrides)
+  except ConfigError as e:
+    raise ConfigError(f"--against {source}: {e}") from None
+  mine, theirs = cfg.to_dict()["task"], other_cfg.to_dict()["task"]
+  differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+  if differ:
+    raise ConfigError(f"--against {source}: its task differs in {', '.join(f'task.{k}' for k in differ)} "
+                      f"({', '.join(f'{mine.get(k)!r} vs {theirs.get(k)!r}' for k in differ)}); allowed: "
+                      "a rule trained for the same task (or --set the same overrides)")
+  name = Path(source).name if Path(source).is_dir() else f"pretrained:{source}"
+  return name, trainer, rule
 
 
 def _analyze(a) -> int:

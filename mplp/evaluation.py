@@ -98,17 +98,22 @@ def summarize(curve) -> Dict[str, list]:
 
 
 def compare(trainer, state, task, key, n_tasks: int, tune_tasks: int,
-            optimizers: Sequence[str] = ("sgd", "adam")) -> Dict:
-  """The rule vs tuned optax optimizers on `n_tasks` fresh tasks.
+            optimizers: Sequence[str] = ("sgd", "adam"), others: Sequence = ()) -> Dict:
+  """The rule vs tuned optax optimizers (and other trained rules) on `n_tasks` fresh tasks.
 
+  `others`: `(name, trainer, state)` of other trained rules for the same task (e.g. plain
+  MAML against the MAML-style rule); they run on the same task keys, so they see the
+  same tasks and batches (their own learned initialization, if they have one).
   Returns {"methods": {name: {metric: summary}}, "learning_rates": {opt: chosen},
   "grids": {opt: grid}, "tasks": n_tasks}.
   """
   k_eval, k_tune = jax.random.split(key)
   eval_keys = jax.random.split(k_eval, n_tasks)
   tune_keys = jax.random.split(k_tune, tune_tasks)
-  curves = jax.jit(lambda keys: rule_curves(trainer, state.trainable, state.stats, state.pool, task, keys))(eval_keys)
-  methods = {"mplp": {m: summarize(c) for m, c in curves.items()}}
+  methods = {}
+  for name, tr, st in (("mplp", trainer, state), *others):
+    curves = jax.jit(lambda keys, tr=tr, st=st: rule_curves(tr, st.trainable, st.stats, st.pool, task, keys))(eval_keys)
+    methods[name] = {m: summarize(c) for m, c in curves.items()}
   chosen = {}
   grids = {name: LR_GRIDS.get(name, DEFAULT_GRID) for name in optimizers}
   for name in optimizers:

@@ -74,6 +74,11 @@ def from_run(run_dir, overrides: Sequence[str] = ()):
   return cfg, trainer, _Rule(state.trainable, state.stats), task
 
 
+def load(source: str, overrides: Sequence[str] = ()):
+  """A run directory or, if `source` is not a directory, a shipped rule name."""
+  return from_run(source, overrides) if Path(source).is_dir() else from_pretrained(source, overrides)
+
+
 def save_pretrained(run_dir, name: str, directory=PRETRAINED_DIR):
   """Ship the newest checkpoint of a run as `NAME.npz` (rule and statistics only)."""
   cfg, _, rule, _ = from_run(run_dir)
@@ -124,7 +129,7 @@ def warm_start(source: str, trainable, stats):
   directory or a shipped rule name); the learned initialization is kept. The source must
   have the same rule architecture (meta.init_rule)."""
   try:
-    _, _, rule, _ = from_run(source) if Path(source).is_dir() else from_pretrained(source)
+    _, _, rule, _ = load(source)
   except config_lib.ConfigError as e:
     raise config_lib.ConfigError(f"meta.init_rule: {e}") from None
   shapes = lambda t: jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), t)

@@ -1,13 +1,16 @@
 """`mplp eval`: the authors' published rules score as their implementation did, every
 source of a rule works, and bad input is refused with the sizes or the known names."""
 
+import dataclasses
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
+import optax
 import pytest
 
-from mplp import config as config_lib, rules
+from mplp import config as config_lib, evaluation, rules
 from mplp.cli import main
 from mplp.train import train
 
@@ -104,3 +107,27 @@ def test_every_shipped_rule_evaluates(tmp_path):
     assert sign * curve[-1] < sign * curve[0]  # a trained rule learns, and beats the tuned
     baselines = [r["mean"][-1] for m, r in doc["methods"].items() if m != "mplp"]
     assert all(sign * curve[-1] < sign * b for b in baselines), (name, curve[-1], baselines)
+
+
+def test_eval_against_plain_maml_equals_sgd_from_its_learned_init(tmp_path, capsys):
+  """`--against`: another trained rule on the same tasks. Plain MAML's curve must be
+  optax SGD at its inner learning rate from its own learned initialization on the same
+  task keys; the same run given twice gives identical curves."""
+  cfg = config_lib.load("maml_baseline_2x10", ["run.steps=3", "run.eval_tasks=0", "meta.outer_batch=2",
+                                               "meta.learning_rate=0.01"])
+  train(cfg, tmp_path / "maml", progress=False)
+  doc, _ = _eval(tmp_path, str(tmp_path / "maml"), "--against", str(tmp_path / "maml"),
+                 "--tasks", "6", "--tune-tasks", "2", "--optimizers", "adam")
+  ours, again = doc["methods"]["mplp"], doc["methods"]["maml"]
+  assert ours == again
+  _, trainer, rule, task = rules.from_run(tmp_path / "maml")
+  task = dataclasses.replace(task, eval_grid=True)
+  keys = jax.random.split(jax.random.split(jax.random.PRNGKey(0))[0], 6)
+  sgd = evaluation.optax_curves(trainer, rule.trainable, (), task, keys, optax.sgd, (cfg.network.inner_lr,))
+  np.testing.assert_allclose(ours["mean"], np.asarray(sgd["loss"][0]).mean(0), rtol=1e-5)
+  assert ours["mean"][-1] < ours["mean"][0]
+  # a rule for another task is refused with the keys that differ
+  err = _error(capsys, ["eval", str(tmp_path / "maml"), "--against", "sinusoid_5x10", "--tasks", "2"])
+  assert "--against sinusoid_5x10: its task differs in task.inner_steps (2 vs 5)" in err
+  err = _error(capsys, ["eval", str(tmp_path / "maml"), "--against", "nope"])
+  assert "--against nope: --pretrained: unknown rule 'nope'" in err
