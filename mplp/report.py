@@ -58,6 +58,7 @@ def plot_curves(result: dict, metric: str, path):
     ax.plot(steps, mean, marker="o", label=name)
     ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
   ax.set_xlabel("inner step")
+  ax.xaxis.get_major_locator().set_params(integer=True)
   ax.set_ylabel(f"held-out {metric}")
   if metric == "loss":
     ax.set_yscale("log")
@@ -137,6 +138,7 @@ def plot_alignment(doc: dict, path):
     ax.axhline(0.0, color="k", lw=0.5)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("inner step")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
