@@ -107,6 +107,7 @@ def compare(trainer, state, task, key, n_tasks: int, tune_tasks: int,
   Returns {"methods": {name: {metric: summary}}, "learning_rates": {opt: chosen},
   "grids": {opt: grid}, "tasks": n_tasks}.
   """
+  task = jax.tree_util.tree_map(jnp.asarray, task)  # numpy data cannot be indexed by traced keys
   k_eval, k_tune = jax.random.split(key)
   eval_keys = jax.random.split(k_eval, n_tasks)
   tune_keys = jax.random.split(k_tune, tune_tasks)

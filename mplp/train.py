@@ -155,9 +155,11 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
 
   final = None
   if cfg.run.eval_tasks > 0 and writer:
+    # The paper's protocol, as `mplp eval` runs it: fresh inner networks (not pool draws).
     eval_task = dataclasses.replace(task, eval_grid=True) if isinstance(task, Sinusoid) else task
-    final = evaluation.compare(trainer, distributed.to_host(state), distributed.to_host(eval_task), jax.random.PRNGKey(10_000 + cfg.run.seed),
-                               cfg.run.eval_tasks, cfg.run.tune_tasks)
+    eval_trainer = dataclasses.replace(trainer, pool_size=0, mesh=None)
+    final = evaluation.compare(eval_trainer, distributed.to_host(state), distributed.to_host(eval_task),
+                               jax.random.PRNGKey(10_000 + cfg.run.seed), cfg.run.eval_tasks, cfg.run.tune_tasks)
     _write_atomic(out / "final_eval.json", json.dumps(final, indent=1) + "\n")
     log(format_comparison(final, task.kind))
     if wb is not None:

@@ -131,3 +131,18 @@ def test_eval_against_plain_maml_equals_sgd_from_its_learned_init(tmp_path, caps
   assert "--against sinusoid_5x10: its task differs in task.inner_steps (2 vs 5)" in err
   err = _error(capsys, ["eval", str(tmp_path / "maml"), "--against", "nope"])
   assert "--against nope: --pretrained: unknown rule 'nope'" in err
+
+
+def test_final_eval_of_a_classification_run_equals_mplp_eval_of_its_checkpoint(tmp_path):
+  """The table `mplp train` ends with is the paper's protocol (fresh inner networks, not
+  draws from the training pool), i.e. `mplp eval` of the last checkpoint with its key."""
+  cfg = config_lib.load("digits_20x8", ["network.hidden=[8]", "task.inner_steps=3", "run.steps=2",
+                                        "run.eval_tasks=4", "run.tune_tasks=2", "meta.pool_size=4"])
+  train(cfg, tmp_path / "run", progress=False)
+  final = json.loads((tmp_path / "run" / "final_eval.json").read_text())
+  doc, _ = _eval(tmp_path, str(tmp_path / "run"), "--seed", "10000", "--tasks", "4", "--tune-tasks", "2")
+  assert doc["metric"] == "accuracy" and set(final["methods"]) == set(doc["methods"])
+  for method, summary in doc["methods"].items():
+    np.testing.assert_allclose(final["methods"][method]["accuracy"]["mean"], summary["mean"], rtol=1e-6)
+  first = {m: r["mean"][0] for m, r in doc["methods"].items()}
+  assert len(set(first.values())) == 1  # every method starts from the same networks
