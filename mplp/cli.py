@@ -137,6 +137,9 @@ def _eval(a) -> int:
     except ValueError as e:
       raise ConfigError(str(e)) from None
   others = [_against(source, cfg, a.overrides) for source in a.against]
+  names = ["mplp"] + [name for name, _, _ in others]
+  if len(set(names)) < len(names):
+    raise ConfigError(f"--against: method names must differ (the rule is 'mplp'), got {names}")
   if isinstance(task, Sinusoid):
     task = dataclasses.replace(task, eval_grid=True)
   key = jax.random.PRNGKey(a.seed)

@@ -129,6 +129,8 @@ def test_eval_against_plain_maml_equals_sgd_from_its_learned_init(tmp_path, caps
   # a rule for another task is refused with the keys that differ
   err = _error(capsys, ["eval", str(tmp_path / "maml"), "--against", "sinusoid_5x10", "--tasks", "2"])
   assert "--against sinusoid_5x10: its task differs in task.inner_steps (2 vs 5)" in err
+  err = _error(capsys, ["eval", str(tmp_path / "maml"), "--against", str(tmp_path / "maml"), str(tmp_path / "maml")])
+  assert "--against: method names must differ (the rule is 'mplp'), got ['mplp', 'maml', 'maml']" in err
   err = _error(capsys, ["eval", str(tmp_path / "maml"), "--against", "nope"])
   assert "--against nope: --pretrained: unknown rule 'nope'" in err
 
