@@ -86,10 +86,20 @@ def test_truncated_windows_carry_the_inner_state():
   assert not (np.asarray(state.unrolls.key) == keys[0]).all()
 
 
-def _run(args, env_extra, timeout=300):
+def _run(args, env_extra):
+  """Start the worker; its output goes to a file beside OUT.npz (a pipe nobody reads while
+  we wait on another process could fill up and stall a collective)."""
   env = {**os.environ, **env_extra}
-  return subprocess.Popen([sys.executable, WORKER, *args], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  with open(f"{args[0]}.log", "w") as log:
+    proc = subprocess.Popen([sys.executable, WORKER, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+  proc.log = f"{args[0]}.log"
+  return proc
+
+
+def _wait(procs):
+  for proc in procs:
+    proc.wait(timeout=600)
+    assert proc.returncode == 0, Path(proc.log).read_text()
 
 
 def _load(path):
@@ -117,13 +127,9 @@ def test_sharded_over_four_devices_equals_one_device(tmp_path, estimator):
   reduction order over devices, ~1e-7 relative) is amplified ~1/sigma = 100x, so ES
   gradients are compared to 1e-3 of their scale (a wrong reduction would be off by O(1))."""
   flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-  results = {}
-  for n in (1, 4):
-    proc = _run([str(tmp_path / f"d{n}.npz"), str(n), *estimator], flags)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    results[n] = _load(tmp_path / f"d{n}.npz")
-  _assert_same(results[1], results[4], grad_rtol=1e-3 if estimator else 1e-5)
+  procs = {n: _run([str(tmp_path / f"d{n}.npz"), str(n), *estimator], flags) for n in (1, 4)}  # concurrently
+  _wait(procs.values())
+  _assert_same(_load(tmp_path / "d1.npz"), _load(tmp_path / "d4.npz"), grad_rtol=1e-3 if estimator else 1e-5)
 
 
 def test_two_processes_equal_one_process(tmp_path):
@@ -132,12 +138,8 @@ def test_two_processes_equal_one_process(tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   procs = [_run([str(tmp_path / "multi.npz"), "4", f"127.0.0.1:{port}", "2", str(i)], flags) for i in range(2)]
-  for p in procs:
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
-  single = _run([str(tmp_path / "single.npz"), "1"], {"JAX_PLATFORMS": "cpu"})
-  _, err = single.communicate(timeout=300)
-  assert single.returncode == 0, err
+  procs.append(_run([str(tmp_path / "single.npz"), "1"], {"JAX_PLATFORMS": "cpu"}))  # all three at once
+  _wait(procs)
   _assert_same(_load(tmp_path / "single.npz"), _load(tmp_path / "multi.npz"))
 
 
