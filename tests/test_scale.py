@@ -86,20 +86,18 @@ def test_truncated_windows_carry_the_inner_state():
   assert not (np.asarray(state.unrolls.key) == keys[0]).all()
 
 
-def _run(args, env_extra):
-  """Start the worker; its output goes to a file beside OUT.npz (a pipe nobody reads while
-  we wait on another process could fill up and stall a collective)."""
+def _run(args, env_extra, log):
+  """Start the worker with its output in the file `log` (a pipe nobody reads while we wait
+  on another process could fill up and stall a collective). Returns (process, log)."""
   env = {**os.environ, **env_extra}
-  with open(f"{args[0]}.log", "w") as log:
-    proc = subprocess.Popen([sys.executable, WORKER, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
-  proc.log = f"{args[0]}.log"
-  return proc
+  with open(log, "w") as f:
+    return subprocess.Popen([sys.executable, WORKER, *args], env=env, stdout=f, stderr=subprocess.STDOUT), log
 
 
-def _wait(procs):
-  for proc in procs:
+def _wait(runs):
+  for proc, log in runs:
     proc.wait(timeout=600)
-    assert proc.returncode == 0, Path(proc.log).read_text()
+    assert proc.returncode == 0, Path(log).read_text()
 
 
 def _load(path):
@@ -127,8 +125,8 @@ def test_sharded_over_four_devices_equals_one_device(tmp_path, estimator):
   reduction order over devices, ~1e-7 relative) is amplified ~1/sigma = 100x, so ES
   gradients are compared to 1e-3 of their scale (a wrong reduction would be off by O(1))."""
   flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-  procs = {n: _run([str(tmp_path / f"d{n}.npz"), str(n), *estimator], flags) for n in (1, 4)}  # concurrently
-  _wait(procs.values())
+  _wait([_run([str(tmp_path / f"d{n}.npz"), str(n), *estimator], flags, tmp_path / f"d{n}.log")
+         for n in (1, 4)])  # both at once
   _assert_same(_load(tmp_path / "d1.npz"), _load(tmp_path / "d4.npz"), grad_rtol=1e-3 if estimator else 1e-5)
 
 
@@ -137,9 +135,10 @@ def test_two_processes_equal_one_process(tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  procs = [_run([str(tmp_path / "multi.npz"), "4", f"127.0.0.1:{port}", "2", str(i)], flags) for i in range(2)]
-  procs.append(_run([str(tmp_path / "single.npz"), "1"], {"JAX_PLATFORMS": "cpu"}))  # all three at once
-  _wait(procs)
+  runs = [_run([str(tmp_path / "multi.npz"), "4", f"127.0.0.1:{port}", "2", str(i)], flags, tmp_path / f"rank{i}.log")
+          for i in range(2)]
+  runs.append(_run([str(tmp_path / "single.npz"), "1"], {"JAX_PLATFORMS": "cpu"}, tmp_path / "single.log"))
+  _wait(runs)  # all three at once
   _assert_same(_load(tmp_path / "single.npz"), _load(tmp_path / "multi.npz"))
 
 
