@@ -72,6 +72,7 @@ def _source_args(p, tasks: int):
   """Where the rule comes from, and the options `eval` and `analyze` share."""
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("run_dir", nargs="?", help="a `mplp train` output directory (newest checkpoint)")
+  p.add_argument("--step", type=int, help="with RUN_DIR: its checkpoint of this meta-step instead of the newest")
   src.add_argument("--pretrained", metavar="NAME", help="a rule shipped with mplp")
   src.add_argument("--reference", metavar="PATH.npy", help="the authors' published flat weights")
   p.add_argument("--experiment", help="with --reference: sinusoid_5x10, maml_sinusoid_2x10 or mnist_20x8")
@@ -94,9 +95,12 @@ def _load_source(a):
       raise ConfigError(f"--experiment is required with --reference; known: {list(rules.PUBLISHED)}")
     return (*rules.from_reference(a.reference, a.experiment, a.reference_prior, a.overrides),
             f"reference-{a.experiment}")
+  if a.step is not None and not a.run_dir:
+    raise ConfigError("--step picks a checkpoint of RUN_DIR; it does not apply to --pretrained or --reference")
   if a.pretrained:
     return (*rules.from_pretrained(a.pretrained, a.overrides), f"pretrained-{a.pretrained}")
-  return (*rules.from_run(a.run_dir, a.overrides), Path(a.run_dir).name)
+  name = Path(a.run_dir).name + ("" if a.step is None else f"-step{a.step}")
+  return (*rules.from_run(a.run_dir, a.overrides, a.step), name)
 
 
 def _train(a) -> int:

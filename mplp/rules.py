@@ -59,17 +59,28 @@ class _Rule:
     self.trainable, self.stats, self.pool = trainable, stats, ()
 
 
-def from_run(run_dir, overrides: Sequence[str] = ()):
-  """The newest checkpoint of a `mplp train` run."""
+def _checkpoint_of(run_dir: Path, step: int | None) -> Path:
+  """The run's checkpoint of meta-step `step`, or its newest for `None`."""
+  found = checkpoint.list_checkpoints(run_dir / "checkpoints")
+  if not found:
+    raise checkpoint.CheckpointError(f"{run_dir}/checkpoints holds no checkpoint yet")
+  if step is None:
+    return found[-1]
+  path = checkpoint.path_for(run_dir / "checkpoints", step)
+  if path not in found:
+    kept = [int(p.stem.split("_")[1]) for p in found]
+    raise config_lib.ConfigError(f"--step: {run_dir} holds no checkpoint of step {step}; kept steps: {kept}")
+  return path
+
+
+def from_run(run_dir, overrides: Sequence[str] = (), step: int | None = None):
+  """Checkpoint `step` (default: the newest) of a `mplp train` run."""
   run_dir = Path(run_dir)
   if not (run_dir / "config.json").exists():
     raise config_lib.ConfigError(f"{run_dir} is not an mplp run directory (no config.json)")
   raw = json.loads((run_dir / "config.json").read_text())
   cfg = _with_overrides(json.loads(json.dumps(raw)), overrides)
-  latest = checkpoint.latest(run_dir / "checkpoints")
-  if latest is None:
-    raise checkpoint.CheckpointError(f"{run_dir}/checkpoints holds no checkpoint yet")
-  state, _ = checkpoint.restore(latest, _template(config_lib.from_dict(raw)))
+  state, _ = checkpoint.restore(_checkpoint_of(run_dir, step), _template(config_lib.from_dict(raw)))
   task, trainer = _build(cfg)
   return cfg, trainer, _Rule(state.trainable, state.stats), task
 
@@ -79,11 +90,11 @@ def load(source: str, overrides: Sequence[str] = ()):
   return from_run(source, overrides) if Path(source).is_dir() else from_pretrained(source, overrides)
 
 
-def save_pretrained(run_dir, name: str, directory=PRETRAINED_DIR):
-  """Ship the newest checkpoint of a run as `NAME.npz` (rule and statistics only)."""
-  cfg, _, rule, _ = from_run(run_dir)
-  latest = checkpoint.latest(Path(run_dir) / "checkpoints")
-  _, meta = checkpoint.read(latest)
+def save_pretrained(run_dir, name: str, directory=PRETRAINED_DIR, step: int | None = None):
+  """Ship checkpoint `step` (default: the newest) of a run as `NAME.npz` (rule and
+  statistics only)."""
+  cfg, _, rule, _ = from_run(run_dir, step=step)
+  _, meta = checkpoint.read(_checkpoint_of(Path(run_dir), step))
   return checkpoint.write(Path(directory) / f"{name}.npz",
                           {"trainable": rule.trainable, "stats": rule.stats},
                           {"config": cfg.to_dict(), "trained_steps": meta["step"], "source": str(run_dir)})

@@ -5,12 +5,13 @@ import dataclasses
 import json
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import optax
 import pytest
 
-from mplp import config as config_lib, evaluation, rules
+from mplp import checkpoint, config as config_lib, evaluation, rules
 from mplp.cli import main
 from mplp.train import train
 
@@ -148,3 +149,26 @@ def test_final_eval_of_a_classification_run_equals_mplp_eval_of_its_checkpoint(t
     np.testing.assert_allclose(final["methods"][method]["accuracy"]["mean"], summary["mean"], rtol=1e-6)
   first = {m: r["mean"][0] for m, r in doc["methods"].items()}
   assert len(set(first.values())) == 1  # every method starts from the same networks
+
+
+def test_step_picks_a_kept_checkpoint_for_eval_and_shipping(tmp_path, capsys):
+  """`--step N` / `step=N`: checkpoint N of a run, not the newest; a step the run did not
+  keep is refused with the kept steps."""
+  cfg = config_lib.load("maml_baseline_2x10", ["run.steps=2", "run.eval_tasks=0", "meta.outer_batch=2",
+                                               "meta.learning_rate=0.01", "run.checkpoint_every=1",
+                                               "run.keep_checkpoints=5"])
+  run = tmp_path / "run"
+  train(cfg, run, progress=False)
+  first, _ = checkpoint.restore(checkpoint.path_for(run / "checkpoints", 1), rules._template(cfg))
+  at_1, newest = rules.from_run(run, step=1)[2], rules.from_run(run)[2]
+  chex.assert_trees_all_close(at_1.trainable, first.trainable, rtol=0, atol=0)
+  with pytest.raises(AssertionError):  # a meta-step at lr 0.01 moved the rule
+    chex.assert_trees_all_close(at_1.trainable, newest.trainable, rtol=0, atol=1e-6)
+  shipped = rules.save_pretrained(run, "at_1", directory=tmp_path, step=1)
+  leaves, meta = checkpoint.read(shipped)
+  assert meta["trained_steps"] == 1
+  chex.assert_trees_all_close(leaves, jax.tree_util.tree_leaves((at_1.trainable, at_1.stats)), rtol=0, atol=0)
+  err = _error(capsys, ["eval", str(run), "--step", "7"])
+  assert f"--step: {run} holds no checkpoint of step 7; kept steps: [1, 2]" in err
+  err = _error(capsys, ["eval", "--pretrained", "sinusoid_5x10", "--step", "1"])
+  assert "--step picks a checkpoint of RUN_DIR" in err
