@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 def _source_args(p, tasks: int):
   """Where the rule comes from, and the options `eval` and `analyze` share."""
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("run_dir", nargs="?", help="a `mplp train` output directory (newest checkpoint)")
+  src.add_argument("run_dir", nargs="?", help="a `mplp train` output directory (its newest checkpoint, or --step)")
   p.add_argument("--step", type=int, help="with RUN_DIR: its checkpoint of this meta-step instead of the newest")
   src.add_argument("--pretrained", metavar="NAME", help="a rule shipped with mplp")
   src.add_argument("--reference", metavar="PATH.npy", help="the authors' published flat weights")
