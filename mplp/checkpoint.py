@@ -75,13 +75,17 @@ def save(directory, step: int, tree: Any, metadata: Dict[str, Any], keep: int = 
   return final
 
 
+def step_of(path) -> int:
+  """The meta-step in a checkpoint's file name (`path_for`'s inverse)."""
+  return int(_NAME.match(Path(path).name).group(1))
+
+
 def list_checkpoints(directory) -> List[Path]:
   """Checkpoint files in `directory`, oldest first (unfinished `.tmp` files ignored)."""
   directory = Path(directory)
   if not directory.is_dir():
     return []
-  found = [p for p in directory.iterdir() if _NAME.match(p.name)]
-  return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+  return sorted((p for p in directory.iterdir() if _NAME.match(p.name)), key=step_of)
 
 
 def read(path) -> Tuple[List[np.ndarray], Dict[str, Any]]:

@@ -68,19 +68,25 @@ def _checkpoint_of(run_dir: Path, step: int | None) -> Path:
     return found[-1]
   path = checkpoint.path_for(run_dir / "checkpoints", step)
   if path not in found:
-    kept = [int(p.stem.split("_")[1]) for p in found]
+    kept = [checkpoint.step_of(p) for p in found]
     raise config_lib.ConfigError(f"--step: {run_dir} holds no checkpoint of step {step}; kept steps: {kept}")
   return path
 
 
-def from_run(run_dir, overrides: Sequence[str] = (), step: int | None = None):
-  """Checkpoint `step` (default: the newest) of a `mplp train` run."""
+def _restore_run(run_dir, step: int | None):
+  """(the run's config as saved, its `TrainState` at `step` or the newest, checkpoint metadata)."""
   run_dir = Path(run_dir)
   if not (run_dir / "config.json").exists():
     raise config_lib.ConfigError(f"{run_dir} is not an mplp run directory (no config.json)")
   raw = json.loads((run_dir / "config.json").read_text())
-  cfg = _with_overrides(json.loads(json.dumps(raw)), overrides)
-  state, _ = checkpoint.restore(_checkpoint_of(run_dir, step), _template(config_lib.from_dict(raw)))
+  state, meta = checkpoint.restore(_checkpoint_of(run_dir, step), _template(config_lib.from_dict(raw)))
+  return raw, state, meta
+
+
+def from_run(run_dir, overrides: Sequence[str] = (), step: int | None = None):
+  """Checkpoint `step` (default: the newest) of a `mplp train` run."""
+  raw, state, _ = _restore_run(run_dir, step)
+  cfg = _with_overrides(raw, overrides)
   task, trainer = _build(cfg)
   return cfg, trainer, _Rule(state.trainable, state.stats), task
 
@@ -93,11 +99,11 @@ def load(source: str, overrides: Sequence[str] = ()):
 def save_pretrained(run_dir, name: str, directory=PRETRAINED_DIR, step: int | None = None):
   """Ship checkpoint `step` (default: the newest) of a run as `NAME.npz` (rule and
   statistics only)."""
-  cfg, _, rule, _ = from_run(run_dir, step=step)
-  _, meta = checkpoint.read(_checkpoint_of(Path(run_dir), step))
+  raw, state, meta = _restore_run(run_dir, step)
   return checkpoint.write(Path(directory) / f"{name}.npz",
-                          {"trainable": rule.trainable, "stats": rule.stats},
-                          {"config": cfg.to_dict(), "trained_steps": meta["step"], "source": str(run_dir)})
+                          {"trainable": state.trainable, "stats": state.stats},
+                          {"config": config_lib.from_dict(raw).to_dict(), "trained_steps": meta["step"],
+                           "source": str(run_dir)})
 
 
 def from_pretrained(name: str, overrides: Sequence[str] = ()):
