@@ -72,7 +72,8 @@ def _source_args(p, tasks: int):
   """Where the rule comes from, and the options `eval` and `analyze` share."""
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("run_dir", nargs="?", help="a `mplp train` output directory (its newest checkpoint, or --step)")
-  p.add_argument("--step", type=int, help="with RUN_DIR: its checkpoint of this meta-step instead of the newest")
+  p.add_argument("--step", type=int, nargs="+", help="with RUN_DIR: its checkpoint of this meta-step instead of "
+                 "the newest; several steps: the average of their rules and statistics")
   src.add_argument("--pretrained", metavar="NAME", help="a rule shipped with mplp")
   src.add_argument("--reference", metavar="PATH.npy", help="the authors' published flat weights")
   p.add_argument("--experiment", help="with --reference: sinusoid_5x10, maml_sinusoid_2x10 or mnist_20x8")
@@ -99,7 +100,7 @@ def _load_source(a):
     raise ConfigError("--step picks a checkpoint of RUN_DIR; it does not apply to --pretrained or --reference")
   if a.pretrained:
     return (*rules.from_pretrained(a.pretrained, a.overrides), f"pretrained-{a.pretrained}")
-  name = Path(a.run_dir).name + ("" if a.step is None else f"-step{a.step}")
+  name = Path(a.run_dir).name + ("" if a.step is None else "-step" + "+".join(map(str, sorted(set(a.step)))))
   return (*rules.from_run(a.run_dir, a.overrides, a.step), name)
 
 

@@ -73,18 +73,40 @@ def _checkpoint_of(run_dir: Path, step: int | None) -> Path:
   return path
 
 
-def _restore_run(run_dir, step: int | None):
-  """(the run's config as saved, its `TrainState` at `step` or the newest, checkpoint metadata)."""
+def _steps(step) -> tuple:
+  """`None` (the newest), one step, or several: a sorted tuple of distinct steps."""
+  if step is None:
+    return (None,)
+  steps = tuple(sorted(set([step] if isinstance(step, int) else step)))
+  if not steps:
+    raise config_lib.ConfigError("--step: give at least one meta-step")
+  return steps
+
+
+def _restore_run(run_dir, step=None):
+  """(the run's config as saved, its `TrainState` at `step` or the newest, checkpoint
+  metadata). Several steps: the uniform average of their rules and statistics (tail
+  averaging of the meta-parameters; the optimizer state and pool are the newest's), with
+  `meta["averaged_steps"]`."""
   run_dir = Path(run_dir)
   if not (run_dir / "config.json").exists():
     raise config_lib.ConfigError(f"{run_dir} is not an mplp run directory (no config.json)")
   raw = json.loads((run_dir / "config.json").read_text())
-  state, meta = checkpoint.restore(_checkpoint_of(run_dir, step), _template(config_lib.from_dict(raw)))
+  template = _template(config_lib.from_dict(raw))
+  restored = [checkpoint.restore(_checkpoint_of(run_dir, s), template) for s in _steps(step)]
+  state, meta = restored[-1]
+  if len(restored) > 1:
+    mean = lambda *leaves: np.mean(np.stack(leaves), axis=0).astype(np.asarray(leaves[0]).dtype)
+    average = lambda trees: jax.tree_util.tree_map(mean, *trees)
+    state = state._replace(trainable=average([s.trainable for s, _ in restored]),
+                           stats=average([s.stats for s, _ in restored]))
+    meta = {**meta, "averaged_steps": [m["step"] for _, m in restored]}
   return raw, state, meta
 
 
-def from_run(run_dir, overrides: Sequence[str] = (), step: int | None = None):
-  """Checkpoint `step` (default: the newest) of a `mplp train` run."""
+def from_run(run_dir, overrides: Sequence[str] = (), step=None):
+  """Checkpoint `step` (default: the newest) of a `mplp train` run; several steps: the
+  average of their rules and statistics."""
   raw, state, _ = _restore_run(run_dir, step)
   cfg = _with_overrides(raw, overrides)
   task, trainer = _build(cfg)
@@ -96,14 +118,15 @@ def load(source: str, overrides: Sequence[str] = ()):
   return from_run(source, overrides) if Path(source).is_dir() else from_pretrained(source, overrides)
 
 
-def save_pretrained(run_dir, name: str, directory=PRETRAINED_DIR, step: int | None = None):
-  """Ship checkpoint `step` (default: the newest) of a run as `NAME.npz` (rule and
-  statistics only)."""
+def save_pretrained(run_dir, name: str, directory=PRETRAINED_DIR, step=None):
+  """Ship checkpoint `step` (default: the newest; several steps: the average of their
+  rules and statistics) of a run as `NAME.npz` (rule and statistics only)."""
   raw, state, meta = _restore_run(run_dir, step)
+  extra = {"averaged_steps": meta["averaged_steps"]} if "averaged_steps" in meta else {}
   return checkpoint.write(Path(directory) / f"{name}.npz",
                           {"trainable": state.trainable, "stats": state.stats},
                           {"config": config_lib.from_dict(raw).to_dict(), "trained_steps": meta["step"],
-                           "source": str(run_dir)})
+                           "source": str(run_dir), **extra})
 
 
 def from_pretrained(name: str, overrides: Sequence[str] = ()):
@@ -145,6 +168,9 @@ def warm_start(source: str, trainable, stats):
   """`(trainable, stats)` with the rule and statistics taken from `source` (a run
   directory or a shipped rule name); the learned initialization is kept. The source must
   have the same rule architecture (meta.init_rule)."""
+  if not Path(source).is_dir() and source not in shipped():
+    raise config_lib.ConfigError(f"meta.init_rule: {source!r} is neither a run directory nor a shipped "
+                                 f"rule; shipped: {shipped()}")
   try:
     _, _, rule, _ = load(source)
   except config_lib.ConfigError as e:

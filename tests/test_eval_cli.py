@@ -152,8 +152,8 @@ def test_final_eval_of_a_classification_run_equals_mplp_eval_of_its_checkpoint(t
 
 
 def test_step_picks_a_kept_checkpoint_for_eval_and_shipping(tmp_path, capsys):
-  """`--step N` / `step=N`: checkpoint N of a run, not the newest; a step the run did not
-  keep is refused with the kept steps."""
+  """`--step N` / `step=N`: checkpoint N of a run, not the newest; several steps: the mean
+  of their rules and statistics; a step the run did not keep is refused with the kept steps."""
   cfg = config_lib.load("maml_baseline_2x10", ["run.steps=2", "run.eval_tasks=0", "meta.outer_batch=2",
                                                "meta.learning_rate=0.01", "run.checkpoint_every=1",
                                                "run.keep_checkpoints=5"])
@@ -168,7 +168,17 @@ def test_step_picks_a_kept_checkpoint_for_eval_and_shipping(tmp_path, capsys):
   leaves, meta = checkpoint.read(shipped)
   assert meta["trained_steps"] == 1
   chex.assert_trees_all_close(leaves, jax.tree_util.tree_leaves((at_1.trainable, at_1.stats)), rtol=0, atol=0)
-  err = _error(capsys, ["eval", str(run), "--step", "7"])
-  assert f"--step: {run} holds no checkpoint of step 7; kept steps: [1, 2]" in err
+  averaged = rules.from_run(run, step=[2, 1])[2]
+  half_way = lambda a, b: (np.asarray(a) + np.asarray(b)) / 2
+  chex.assert_trees_all_close((averaged.trainable, averaged.stats),
+                              jax.tree_util.tree_map(half_way, (at_1.trainable, at_1.stats),
+                                                     (newest.trainable, newest.stats)), rtol=1e-6, atol=1e-7)
+  leaves, meta = checkpoint.read(rules.save_pretrained(run, "tail", directory=tmp_path, step=[1, 2]))
+  assert (meta["trained_steps"], meta["averaged_steps"]) == (2, [1, 2])
+  chex.assert_trees_all_close(leaves, jax.tree_util.tree_leaves((averaged.trainable, averaged.stats)),
+                              rtol=0, atol=0)
+  for steps in (["7"], ["2", "7"]):
+    err = _error(capsys, ["eval", str(run), "--step", *steps])
+    assert f"--step: {run} holds no checkpoint of step 7; kept steps: [1, 2]" in err
   err = _error(capsys, ["eval", "--pretrained", "sinusoid_5x10", "--step", "1"])
   assert "--step picks a checkpoint of RUN_DIR" in err

@@ -147,6 +147,10 @@ def test_warm_start_from_a_run(tmp_path, capsys, finished_run):
                             "--set", f"meta.init_rule='{out}'"])
   assert "meta.init_rule: the rule in" in msg and "another architecture" in msg
   assert not (tmp_path / "other").exists()
+  msg = _run_error(capsys, ["train", "sinusoid_5x10", "--out", str(tmp_path / "other"),
+                            "--set", f"meta.init_rule='{tmp_path / 'no_such_run'}'"])
+  assert "is neither a run directory nor a shipped rule; shipped: ['digits_20x8'" in msg
+  assert not (tmp_path / "other").exists()
 
 
 def _restored(out, cfg):
