@@ -126,8 +126,8 @@ class AgentNet:
   _apply: Any = dataclasses.field(repr=False, compare=False)
 
   def init(self, key) -> Params:
-    x = [jnp.zeros([1, self.input_size], jnp.float32)]
-    c = jnp.zeros([1, self.carry_size], jnp.float32)
+    x = [jnp.zeros([1, self.input_size], float)]
+    c = jnp.zeros([1, self.carry_size], float)
     return self._init(key, x, c)
 
   def apply(self, params: Params, parts: Sequence[jax.Array], carry):
@@ -144,33 +144,35 @@ class AgentNet:
 
   def apply_in_chunks(self, params: Params, parts: Sequence[jax.Array], carry,
                       max_agents: Optional[int] = None):
-    """`apply`, computed over slices of axis 1 of the agents' shape with `lax.map`.
+    """`apply`, computed over slices of one axis of the agents' shape with `lax.map`.
 
     Many agents at once ([8, 144, 50] weight agents: [57600, 80] intermediates) leave
     the CPU's caches and run at memory speed; slices of at most `max_agents` agents
     stay in cache (default `CHUNK_AGENTS`; measured: 2.4x faster for the MNIST layer-1
-    weight agents). Same numbers as `apply`. Parts whose axis 1 has extent 1 are shared
-    by every slice.
+    weight agents). Same numbers as `apply`. The sliced axis is axis 1 (a weight
+    agent's fan-in) or, where that has extent 1 (the first layer of a 1-input network),
+    the longest axis; a part whose extent on it is 1 is shared by every slice. The
+    slice count is the smallest divisor of the axis giving at most `max_agents` agents
+    a slice, or the axis' extent where none does (a prime fan-in: one row a slice).
     """
     max_agents = CHUNK_AGENTS if max_agents is None else max_agents
     shape = carry.shape[:-1]
     total = math.prod(shape)
     if len(shape) < 2 or total <= max_agents:
       return self.apply(params, parts, carry)
-    extent = shape[1]
-    # The fewest slices that divide axis 1 evenly and hold at most max_agents each.
-    n = next(d for d in range(2, extent + 1)
-             if d == extent or (extent % d == 0 and total // d <= max_agents))
+    axis = 1 if shape[1] > 1 else max(range(len(shape)), key=lambda a: shape[a])
+    extent = shape[axis]
+    n = next((d for d in range(2, extent) if extent % d == 0 and total // d <= max_agents), extent)
 
-    def split(t):  # [B, E, ...] -> [n, B, E / n, ...]
-      t = t.reshape(t.shape[:1] + (n, extent // n) + t.shape[2:])
-      return jnp.moveaxis(t, 1, 0)
+    def split(t):  # [..., E, ...] -> [n, ..., E / n, ...]
+      t = t.reshape(t.shape[:axis] + (n, extent // n) + t.shape[axis + 1:])
+      return jnp.moveaxis(t, axis, 0)
 
-    def merge(t):  # [n, B, E / n, ...] -> [B, E, ...]
-      t = jnp.moveaxis(t, 0, 1)
-      return t.reshape(t.shape[:1] + (extent,) + t.shape[3:])
+    def merge(t):  # [n, ..., E / n, ...] -> [..., E, ...]
+      t = jnp.moveaxis(t, 0, axis)
+      return t.reshape(t.shape[:axis] + (extent,) + t.shape[axis + 2:])
 
-    sliced = [i for i, p in enumerate(parts) if p.shape[1] == extent and extent > 1]
+    sliced = [i for i, p in enumerate(parts) if p.shape[axis] == extent]
 
     def one(chunk):
       chunk_parts, chunk_carry = chunk

@@ -152,7 +152,9 @@ def _eval(a) -> int:
   fits = None
   if isinstance(task, Sinusoid):
     keys = jax.random.split(jax.random.split(key)[0], a.tasks)[:3]  # the first evaluation tasks
-    fits = [evaluation.rule_predictions(trainer, rule.trainable, rule.stats, (), task, k) for k in keys]
+    fits = jax.jit(jax.vmap(lambda k: evaluation.rule_predictions(
+        trainer, rule.trainable, rule.stats, (), task, k)))(keys)  # one compile for the three
+    fits = [jax.tree_util.tree_map(lambda a, i=i: a[i], fits) for i in range(len(keys))]
   out = report.write(result, a.out or f"runs/eval-{name}-seed{a.seed}", task.kind, cfg.to_dict(), fits)
   print((out / "eval.md").read_text())
   if a.wandb != "disabled":

@@ -60,25 +60,42 @@ def rule_curves(trainer, trainable, stats, pool, task, keys) -> Dict[str, jax.Ar
   return jax.vmap(one)(keys)
 
 
+def _optax_curve(trainer, trainable, pool, task, make_opt: Callable, lr, key) -> Dict[str, jax.Array]:
+  """One task (`key`) learned by `make_opt(lr)` on true gradients: {metric: [T + 1]}."""
+  net = trainer.network
+  sample, state0 = trainer.task_start(trainable, pool, key, task)
+  opt = make_opt(lr)
+  loss = lambda w, x, y: net.loss(net.with_weights(state0, w), x, y)
+  w0 = net.weights(state0)
+  def body(carry, batch):
+    w, opt_state = carry
+    g = jax.grad(loss)(w, *batch)
+    updates, opt_state = opt.update(g, opt_state, w)
+    w = optax.apply_updates(w, updates)
+    return (w, opt_state), _held_out(net, task, net.with_weights(state0, w), sample)
+  _, after = jax.lax.scan(body, (w0, opt.init(w0)), (sample.xs, sample.ys))
+  return _with_start(_held_out(net, task, state0, sample), after)
+
+
 def optax_curves(trainer, trainable, pool, task, keys, make_opt: Callable, lrs) -> Dict[str, jax.Array]:
   """An optax optimizer on the network's weights by true gradients:
   {metric: [L, N, T + 1]} for each learning rate in `lrs` [L]."""
-  net = trainer.network
+  one = lambda lr, key: _optax_curve(trainer, trainable, pool, task, make_opt, lr, key)
+  return jax.vmap(lambda lr: jax.vmap(lambda k: one(lr, k))(keys))(jnp.asarray(lrs, float))
 
-  def one(lr, key):
-    sample, state0 = trainer.task_start(trainable, pool, key, task)
-    opt = make_opt(lr)
-    loss = lambda w, x, y: net.loss(net.with_weights(state0, w), x, y)
-    w0 = net.weights(state0)
-    def body(carry, batch):
-      w, opt_state = carry
-      g = jax.grad(loss)(w, *batch)
-      updates, opt_state = opt.update(g, opt_state, w)
-      w = optax.apply_updates(w, updates)
-      return (w, opt_state), _held_out(net, task, net.with_weights(state0, w), sample)
-    _, after = jax.lax.scan(body, (w0, opt.init(w0)), (sample.xs, sample.ys))
-    return _with_start(_held_out(net, task, state0, sample), after)
-  return jax.vmap(lambda lr: jax.vmap(lambda k: one(lr, k))(keys))(jnp.asarray(lrs, jnp.float32))
+
+def _paired_runner(trainer, trainable, pool, task, make_opt: Callable):
+  """`run(lrs [n], keys [n], length) -> {metric: [n, T + 1]}`: task i learned at lrs[i],
+  the batch padded to `length` (repeating its last pair) so that calls with different n
+  share one compile."""
+  jitted = jax.jit(jax.vmap(lambda lr, key: _optax_curve(trainer, trainable, pool, task, make_opt, lr, key)))
+
+  def run(lrs, keys, length):
+    n = len(keys)
+    pad = lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], length - n, axis=0)]) if length > n else a
+    out = jitted(pad(jnp.asarray(lrs, float)), pad(keys))
+    return jax.tree_util.tree_map(lambda a: a[:n], out)
+  return run
 
 
 def _final_score(curves, kind):
@@ -118,13 +135,16 @@ def compare(trainer, state, task, key, n_tasks: int, tune_tasks: int,
   chosen = {}
   grids = {name: LR_GRIDS.get(name, DEFAULT_GRID) for name in optimizers}
   for name in optimizers:
+    # The tuning grid on the tuning tasks and the chosen rate on the evaluation tasks, both
+    # as one flat batch of (learning rate, task) padded to one length: one compile.
     grid = grids[name]
-    run = jax.jit(lambda keys, lrs, name=name: optax_curves(
-        trainer, state.trainable, state.pool, task, keys, optax_optimizer(name), lrs))
-    scores = _final_score(run(tune_keys, grid), task.kind)
-    lr = grid[int(jnp.argmin(scores))]
+    run = _paired_runner(trainer, state.trainable, state.pool, task, optax_optimizer(name))
+    length = max(len(grid) * tune_tasks, n_tasks)
+    tuned = run(np.repeat(grid, tune_tasks), jnp.tile(tune_keys, (len(grid), 1)), length)
+    tuned = jax.tree_util.tree_map(lambda a: a.reshape((len(grid), tune_tasks) + a.shape[1:]), tuned)
+    lr = grid[int(jnp.argmin(_final_score(tuned, task.kind)))]
     chosen[name] = lr
-    best = jax.tree_util.tree_map(lambda a: a[0], run(eval_keys, (lr,)))
+    best = run(np.full(n_tasks, lr), eval_keys, length)
     methods[f"{name}(lr={lr:g})"] = {m: summarize(c) for m, c in best.items()}
   return {"methods": methods, "learning_rates": chosen, "grids": {n: list(g) for n, g in grids.items()},
           "tasks": n_tasks, "tune_tasks": tune_tasks}

@@ -65,10 +65,10 @@ class Dense:
   def init_state(self, key, in_width: int, batch: int, carry_sizes) -> State:
     """W [I, O] ~ N(0, 0.05), b [O] = 0, carries [B, I, O, Cw] and [B, O, Cb] = 0."""
     return {
-        "w": INIT_STD * jax.random.normal(key, (in_width, self.units), jnp.float32),
-        "b": jnp.zeros((self.units,), jnp.float32),
-        "w_carry": jnp.zeros((batch, in_width, self.units, carry_sizes["weight"]), jnp.float32),
-        "b_carry": jnp.zeros((batch, self.units, carry_sizes["bias"]), jnp.float32),
+        "w": INIT_STD * jax.random.normal(key, (in_width, self.units), float),
+        "b": jnp.zeros((self.units,), float),
+        "w_carry": jnp.zeros((batch, in_width, self.units, carry_sizes["weight"]), float),
+        "b_carry": jnp.zeros((batch, self.units, carry_sizes["bias"]), float),
     }
 
   def forward(self, state: State, x: Array):
@@ -103,7 +103,7 @@ class _Elementwise:
 
   def init_state(self, key, in_width: int, batch: int, carry_sizes) -> State:
     kind = self.kinds[0]
-    return {"carry": jnp.zeros((batch, in_width, carry_sizes[kind]), jnp.float32)}
+    return {"carry": jnp.zeros((batch, in_width, carry_sizes[kind]), float)}
 
   def backward(self, rule, meta, index: int, state: State, memory, msg: Array):
     """msg: [B, U, M] -> (new state, message [B, U, M], statistics used per kind)."""

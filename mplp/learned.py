@@ -94,8 +94,8 @@ class LearnedRule:
         n = len(layer.entries[kind])
         ls[kind] = {"in_mean": jnp.zeros([n]), "in_scale": jnp.ones([n])}
         if kind in PARAM_KINDS:
-          entry["out_scale"] = jnp.asarray(self.out_scale, jnp.float32)
-          ls[kind]["out_mean"] = jnp.zeros([], jnp.float32)
+          entry["out_scale"] = jnp.asarray(self.out_scale, float)
+          ls[kind]["out_mean"] = jnp.zeros([], float)
         lp[kind] = entry
       layers.append(lp)
       stats.append(ls)

@@ -85,7 +85,7 @@ class Network:
     for i, layer in enumerate(self.layers):
       s = layer.init_state(keys[i], self.widths[i], batch_size, self.rule.carry_sizes(layer))
       if isinstance(layer, Dense) and weights is not None:
-        w, b = (jnp.asarray(a, jnp.float32) for a in weights[k])
+        w, b = (jnp.asarray(a, float) for a in weights[k])
         if w.shape != s["w"].shape or b.shape != s["b"].shape:
           raise ValueError(
               f"init: layer {i} (Dense) expects W {s['w'].shape} and b {s['b'].shape}, "

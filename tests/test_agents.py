@@ -50,3 +50,24 @@ def test_stateful_cell_equations():
   np.testing.assert_allclose(new, expected, atol=1e-6)
   np.testing.assert_allclose(update, expected[:, 0], atol=1e-6)
   np.testing.assert_allclose(msg, expected[:, -2:], atol=1e-6)
+
+
+@pytest.mark.parametrize("batch,n_in,n_out,max_agents", [
+    (10, 1, 257, 2048),   # a 1-input first layer 257 wide: its fan-in axis has extent 1
+    (4099, 1, 3, 2048),   # a large prime batch on a 1-input layer
+    (3, 13, 5, 40),       # a prime fan-in: one row a slice
+    (2, 1, 1, 1),         # one agent per example, nothing to slice but the batch
+])
+def test_chunked_apply_on_awkward_shapes_equals_apply(batch, n_in, n_out, max_agents):
+  """Prime, large and extent-1 shapes (wide 1-input networks crashed with StopIteration):
+  the slices give the unsliced numbers, values and gradients, in float64 (slicing changes
+  the matmul shapes, whose float32 rounding depends on the CPU)."""
+  with jax.enable_x64(True):
+    net = agents.make("stateful", 6, 4, 7, has_update=True)
+    params = net.init(jax.random.PRNGKey(0))
+    parts, kc = _weight_agent_inputs(jax.random.PRNGKey(1), batch, n_in, n_out)
+    carry = jax.random.normal(kc, (batch, n_in, n_out, net.carry_size))
+    chunked = lambda p, a, c: net.apply_in_chunks(p, a, c, max_agents=max_agents)
+    both = lambda apply: jax.jit(lambda p: (apply(p, parts, carry), jax.grad(
+        lambda q: jnp.sum(apply(q, parts, carry)[1] ** 2))(p)))(params)
+    chex.assert_trees_all_close(both(chunked), both(net.apply), rtol=1e-10, atol=1e-12)

@@ -152,3 +152,20 @@ def _measured_step(net, meta, state, xs, ys):
   """The state after one inner step in measuring mode on the first batch."""
   measuring = dataclasses.replace(net, rule=dataclasses.replace(net.rule, measure=True))
   return measuring.inner_step(meta, state, xs[0], ys[0])[0]
+
+
+@pytest.mark.parametrize("hidden,batch", [((257, 3), 10), ((3,), 4099)])
+def test_wide_networks_and_large_batches_equal_the_unsliced_step(hidden, batch, monkeypatch):
+  """A 1-input network 257 wide, or a prime batch of 4,099 (both crashed when the agent
+  slicing found no divisor): two inner steps equal the unsliced computation (float64)."""
+  from mplp import agents
+  with jax.enable_x64(True):
+    net = presets.network("sinusoid_5x10", hidden=hidden)
+    meta = net.init_meta(jax.random.PRNGKey(0))
+    xs, ys = _sinusoid_batches(jax.random.PRNGKey(1), 2, batch)
+    state = net.init(jax.random.PRNGKey(2), batch)
+    sliced = jax.jit(lambda *a: net.unroll(*a))(meta, state, xs, ys)  # a fresh trace each
+    monkeypatch.setattr(agents, "CHUNK_AGENTS", 1 << 40)
+    whole = jax.jit(lambda *a: net.unroll(*a))(meta, state, xs, ys)
+    chex.assert_trees_all_close(sliced, whole, rtol=1e-10, atol=1e-12)
+    assert float(jnp.abs(sliced[0][0]["w"] - state[0]["w"]).max()) > 0  # the rule moved the weights

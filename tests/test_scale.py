@@ -1,13 +1,13 @@
 """Scale: rematerialization and truncation do not change the meta-gradient, sharding over
 devices and processes does not change the meta-step."""
 
+import dataclasses
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,21 +15,36 @@ import optax
 import pytest
 
 from mplp import config as config_lib, evaluation
-from mplp.meta_train import MetaTrainer
-from mplp.tasks import Sinusoid, jit_with_task
+from mplp.tasks import jit_with_task
 
 WORKER = str(Path(__file__).with_name("scale_worker.py"))
 
 
 def _trainer(overrides=(), optimizer=None):
   cfg = config_lib.load("sinusoid_5x10", ["meta.outer_batch=2", "meta.pool_size=8", "task.inner_steps=4",
-                                          *overrides])
+                                          "network.hidden=[8]", *overrides])
   task = config_lib.build_task(cfg)
   trainer = config_lib.build_trainer(cfg, config_lib.build_network(cfg, task))
   if optimizer is not None:
-    import dataclasses
     trainer = dataclasses.replace(trainer, optimizer=optimizer)
   return trainer, task
+
+
+@pytest.fixture(autouse=True)
+def float64():
+  """Every comparison here is between two computation orders: in float64 their rounding
+  (~1e-16) cannot reach the tolerances below on any CPU, while float32's can (lesson 6 of
+  ../shared/style.md)."""
+  with jax.enable_x64(True):
+    yield
+
+
+def _close(a, b, rtol=1e-9):
+  """Every leaf of b equals a's to `rtol` of that leaf's largest element."""
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == np.float64, x.dtype
+    np.testing.assert_allclose(y, x, rtol=rtol, atol=rtol * np.abs(x).max())
 
 
 def _grads(trainer, task, state):
@@ -47,8 +62,7 @@ def test_remat_gives_the_same_meta_gradient():
   state = jit_with_task(plain.init, task)(jax.random.PRNGKey(0))
   loss_a, grads_a = _grads(plain, task, state)
   loss_b, grads_b = _grads(remat, task, state)
-  assert float(loss_a) == pytest.approx(float(loss_b), rel=1e-6)
-  chex.assert_trees_all_close(grads_a, grads_b, rtol=1e-5, atol=1e-9)
+  _close((loss_a, grads_a), (loss_b, grads_b))
   assert float(optax.tree_utils.tree_norm(grads_a)) > 1e-4
 
 
@@ -61,8 +75,9 @@ def test_truncation_with_window_T_equals_full_backprop():
   for _ in range(3):  # three meta-steps: every one restarts each run on a fresh task
     s_full, m_full = step_full(s_full)
     s_trunc, m_trunc = step_trunc(s_trunc)
-    np.testing.assert_allclose(m_trunc["meta_loss"], m_full["meta_loss"], rtol=1e-6)
-  chex.assert_trees_all_close(s_trunc.trainable, s_full.trainable, rtol=1e-6, atol=1e-8)
+    _close(m_full["meta_loss"], m_trunc["meta_loss"])
+  # Adam's g / (sqrt(v) + 1e-8) amplifies the rounding of gradient elements near 0
+  _close(s_full.trainable, s_trunc.trainable, rtol=1e-7)
   np.testing.assert_array_equal(s_trunc.unrolls.t, [0, 0])
 
 
@@ -75,13 +90,13 @@ def test_truncated_windows_carry_the_inner_state():
   heldouts, keys = [], []
   for i in range(4):
     state, m = step(state)
-    heldouts.append(float(m["heldout"]))
+    heldouts.append(m["heldout"])
     keys.append(np.asarray(state.unrolls.key))
     np.testing.assert_array_equal(state.unrolls.t, [(i + 1) % 4] * 2)
   assert all((k == keys[0]).all() for k in keys)  # the same two tasks throughout
   curves = evaluation.rule_curves(trunc, state.trainable, state.stats, state.pool, task,
                                   jnp.asarray(keys[0]))
-  np.testing.assert_allclose(heldouts, np.mean(curves["loss"][:, 1:], axis=0), rtol=1e-5)
+  _close(jnp.mean(curves["loss"][:, 1:], axis=0), jnp.stack(heldouts))
   state, _ = step(state)  # t wrapped to 0: new tasks
   assert not (np.asarray(state.unrolls.key) == keys[0]).all()
 
@@ -89,7 +104,7 @@ def test_truncated_windows_carry_the_inner_state():
 def _run(args, env_extra, log):
   """Start the worker with its output in the file `log` (a pipe nobody reads while we wait
   on another process could fill up and stall a collective). Returns (process, log)."""
-  env = {**os.environ, **env_extra}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1", **env_extra}
   with open(log, "w") as f:
     return subprocess.Popen([sys.executable, WORKER, *args], env=env, stdout=f, stderr=subprocess.STDOUT), log
 
@@ -105,41 +120,63 @@ def _load(path):
     return {k: f[k] for k in f.files}
 
 
-def _assert_same(a, b, grad_rtol=1e-5):
-  """Outer loss, metrics and meta-gradient to 1e-5 relative (each gradient tensor
-  relative to its own scale, to `grad_rtol`). The parameter update is a function of
-  these; with Adam's first step, g / (|g| + 1e-8), elements whose gradient is nearly 0
-  amplify float rounding, so it is not compared element by element."""
-  assert a.keys() == b.keys()
-  for k in a:
-    tol = grad_rtol if k.startswith("grad") else 1e-5
-    np.testing.assert_allclose(b[k], a[k], rtol=tol, atol=tol * np.abs(a[k]).max(), err_msg=k)
-  assert sum(k.startswith("grad") for k in a) > 10
-
-
-@pytest.mark.parametrize("estimator", [[], ["--set", "meta.estimator=es", "meta.es_pairs=3"]],
-                         ids=["backprop", "es"])
-def test_sharded_over_four_devices_equals_one_device(tmp_path, estimator):
-  """The outer batch (inside every ES pair) split over 4 devices: the same meta-step.
-  An ES gradient is (L+ - L-) / (2 sigma^2) eps: float32 rounding of the losses (another
-  reduction order over devices, ~1e-7 relative) is amplified ~1/sigma = 100x, so ES
-  gradients are compared to 1e-3 of their scale (a wrong reduction would be off by O(1))."""
-  flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-  _wait([_run([str(tmp_path / f"d{n}.npz"), str(n), *estimator], flags, tmp_path / f"d{n}.log")
-         for n in (1, 4)])  # both at once
-  _assert_same(_load(tmp_path / "d1.npz"), _load(tmp_path / "d4.npz"), grad_rtol=1e-3 if estimator else 1e-5)
-
-
-def test_two_processes_equal_one_process(tmp_path):
-  flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+  """The same float64 meta-step estimates on 1 device, on 4 devices of one process, and on
+  2 processes of 2 devices each (jax.distributed over 127.0.0.1): all four processes at once."""
+  tmp = tmp_path_factory.mktemp("scale")
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  runs = [_run([str(tmp_path / "multi.npz"), "4", f"127.0.0.1:{port}", "2", str(i)], flags, tmp_path / f"rank{i}.log")
-          for i in range(2)]
-  runs.append(_run([str(tmp_path / "single.npz"), "1"], {"JAX_PLATFORMS": "cpu"}, tmp_path / "single.log"))
-  _wait(runs)  # all three at once
-  _assert_same(_load(tmp_path / "single.npz"), _load(tmp_path / "multi.npz"))
+  two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  runs = [_run([str(tmp / "d1.npz"), "1"], {}, tmp / "d1.log"),
+          _run([str(tmp / "d4.npz"), "4", "--wrong-reduction"],
+               {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, tmp / "d4.log"),
+          *(_run([str(tmp / "multi.npz"), "4", f"127.0.0.1:{port}", "2", str(i)], two, tmp / f"rank{i}.log")
+            for i in range(2))]
+  _wait(runs)
+  return {name: _load(tmp / f"{name}.npz") for name in ("d1", "d4", "multi")}
+
+
+# Float64 rounding (~1e-16) amplified through the unroll and, for ES, by 1 / sigma = 100
+# stays far below this; float32 rounding (1.5e-4 of a gradient's scale was measured on an
+# AVX2 EPYC) and any wrong reduction (O(1)) are far above it.
+F64_RTOL = 1e-9
+
+
+def _assert_same(a, b, estimator, rtol=F64_RTOL):
+  """Outer loss, metrics and every meta-gradient tensor of `estimator` equal to `rtol`
+  of that tensor's largest element (elementwise relative error is meaningless for
+  elements near 0). The parameter update is a function of these."""
+  assert str(a["dtype"]) == str(b["dtype"]) == "float64"
+  keys = sorted(k for k in a if k.startswith(estimator + "_"))
+  assert keys == sorted(k for k in b if k.startswith(estimator + "_"))
+  assert sum("_grad_" in k for k in keys) > 10
+  for k in keys:
+    np.testing.assert_allclose(b[k], a[k], rtol=rtol, atol=rtol * np.abs(a[k]).max(), err_msg=k)
+
+
+@pytest.mark.parametrize("estimator", ["backprop", "es"])
+def test_sharded_over_four_devices_equals_one_device(workers, estimator):
+  """The outer batch (inside every ES pair) split over 4 devices: the same meta-step."""
+  _assert_same(workers["d1"], workers["d4"], estimator)
+
+
+@pytest.mark.parametrize("estimator", ["backprop", "es"])
+def test_two_processes_equal_one_process(workers, estimator):
+  _assert_same(workers["d1"], workers["multi"], estimator)
+
+
+def test_the_device_comparison_catches_a_wrong_reduction(workers):
+  """A 4-device run whose outer loss sums over the tasks instead of averaging fails the
+  comparison; the margin of the right one is also shown to be tiny against its tolerance."""
+  d1, d4 = workers["d1"], workers["d4"]
+  wrong = {k.replace("wrong_", "backprop_"): v for k, v in d4.items() if k.startswith("wrong_")}
+  with pytest.raises(AssertionError):
+    _assert_same(d1, {**wrong, "dtype": d4["dtype"]}, "backprop")
+  worst = max(np.abs(d4[k] - d1[k]).max() / np.abs(d1[k]).max()
+              for k in d1 if k.startswith("backprop_grad_") and np.abs(d1[k]).max() > 0)
+  assert worst < F64_RTOL / 100, worst  # passes by orders of magnitude, on any CPU
 
 
 def test_device_count_errors_name_the_key():
