@@ -3,11 +3,13 @@ device count (XLA_FLAGS), float64 (JAX_ENABLE_X64) and jax.distributed can be se
 jax starts. Writes, for backprop and for antithetic ES, the outer loss, the meta-step's
 metrics and the meta-gradient to an .npz (process 0 only; keys `{estimator}_{name}`).
 
-    python tests/scale_worker.py OUT.npz DEVICES [COORDINATOR NUM_PROCESSES PROCESS_ID] [--wrong-reduction]
+    python tests/scale_worker.py OUT.npz DEVICES [COORDINATOR NUM_PROCESSES PROCESS_ID] [--reference]
 
-`--wrong-reduction` adds `wrong_*`: the backprop estimate of a trainer that sums the outer
-loss over the tasks instead of averaging it (what a missing mean over devices looks like),
-so the test can show that its comparison catches a wrong reduction.
+`--reference` adds the 1-device references, computed on this process' first device alone
+(`one_*`, the same estimates without a mesh), and `wrong_*`: the backprop estimate over
+DEVICES of a trainer that sums the outer loss over the tasks instead of averaging it (what
+a missing mean over devices looks like), so the test can show that its comparison catches
+a wrong reduction.
 """
 
 import dataclasses
@@ -35,8 +37,8 @@ class SumOverTasks(MetaTrainer):
 
 def main():
   args = sys.argv[1:]
-  wrong = "--wrong-reduction" in args
-  args = [a for a in args if a != "--wrong-reduction"]
+  reference = "--reference" in args
+  args = [a for a in args if a != "--reference"]
   out, devices = args[0], int(args[1])
   if len(args) > 2:
     distributed.initialize(args[2], int(args[3]), int(args[4]))
@@ -49,9 +51,11 @@ def main():
                                 trainer.mesh)
   trainers = {"backprop": dataclasses.replace(trainer, estimator=Backprop()),
               "es": dataclasses.replace(trainer, estimator=ES(sigma=0.01, pairs=ES_PAIRS))}
-  if wrong:
+  if reference:
     fields = {f.name: getattr(trainer, f.name) for f in dataclasses.fields(MetaTrainer)}
     trainers["wrong"] = SumOverTasks(**fields)
+    for name in ("backprop", "es"):
+      trainers[f"one_{name}"] = dataclasses.replace(trainers[name], mesh=None)
 
   def estimates(state, task):  # every estimator in one program: one compile
     key = jax.random.fold_in(state.rng, state.step)

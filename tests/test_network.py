@@ -4,6 +4,7 @@ import dataclasses
 
 import chex
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -48,30 +49,35 @@ def test_init_shapes():
 
 @pytest.mark.parametrize("family", ["stateful", "stateless"])
 def test_scan_unroll_equals_python_loop(family):
+  """Two computation orders, compared in float64 (their float32 rounding is the CPU's)."""
   net = small_net(family)
-  meta = net.init_meta(jax.random.PRNGKey(0))
-  state0 = net.init(jax.random.PRNGKey(1), 5)
-  xs, ys = _sinusoid_batches(jax.random.PRNGKey(2), 4, 5)
-  final, metrics = jax.jit(net.unroll)(meta, state0, xs, ys)
-  state, losses = state0, []
-  for t in range(4):
-    state, m = net.inner_step(meta, state, xs[t], ys[t])
-    losses.append(m["loss"])
-  chex.assert_trees_all_close(final, state, atol=1e-6, rtol=1e-5)
-  np.testing.assert_allclose(metrics["loss"], jnp.stack(losses), rtol=1e-5)
-  assert float(jnp.abs(final[0]["w"] - state0[0]["w"]).max()) > 1e-4
+  with jax.enable_x64(True):
+    meta = net.init_meta(jax.random.PRNGKey(0))
+    state0 = net.init(jax.random.PRNGKey(1), 5)
+    xs, ys = _sinusoid_batches(jax.random.PRNGKey(2), 4, 5)
+    final, metrics = jax.jit(net.unroll)(meta, state0, xs, ys)
+    state, losses, step = state0, [], jax.jit(net.inner_step)
+    for t in range(4):
+      state, m = step(meta, state, xs[t], ys[t])
+      losses.append(m["loss"])
+    assert final[0]["w"].dtype == jnp.float64
+    chex.assert_trees_all_close(final, state, atol=1e-12, rtol=1e-10)
+    np.testing.assert_allclose(metrics["loss"], jnp.stack(losses), rtol=1e-10)
+    assert float(jnp.abs(final[0]["w"] - state0[0]["w"]).max()) > 1e-4
 
 
 def test_vmap_over_tasks_equals_each_task():
   net = small_net()
-  meta = net.init_meta(jax.random.PRNGKey(0))
-  keys = jax.random.split(jax.random.PRNGKey(3), 3)
-  states = jax.vmap(lambda k: net.init(k, 5))(keys)
-  xs, ys = jax.vmap(lambda k: _sinusoid_batches(k, 3, 5))(keys)
-  finals, _ = jax.vmap(net.unroll, in_axes=(None, 0, 0, 0))(meta, states, xs, ys)
-  for i in range(3):
-    one, _ = net.unroll(meta, jax.tree_util.tree_map(lambda a: a[i], states), xs[i], ys[i])
-    chex.assert_trees_all_close(jax.tree_util.tree_map(lambda a: a[i], finals), one, atol=1e-6)
+  with jax.enable_x64(True):
+    meta = net.init_meta(jax.random.PRNGKey(0))
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    states = jax.vmap(lambda k: net.init(k, 5))(keys)
+    xs, ys = jax.vmap(lambda k: _sinusoid_batches(k, 3, 5))(keys)
+    unroll = jax.jit(net.unroll)
+    finals, _ = jax.jit(jax.vmap(net.unroll, in_axes=(None, 0, 0, 0)))(meta, states, xs, ys)
+    for i in range(3):
+      one, _ = unroll(meta, jax.tree_util.tree_map(lambda a: a[i], states), xs[i], ys[i])
+      chex.assert_trees_all_close(jax.tree_util.tree_map(lambda a: a[i], finals), one, atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("family", ["stateful", "stateless"])
@@ -92,16 +98,14 @@ def test_meta_gradient_matches_finite_differences(family):
       final, _ = net.unroll(meta._replace(params=params), state, xs[:5], ys[:5])
       return net.loss(final, xs[5], ys[5])
 
-    grads = jax.jit(jax.grad(f))(meta.params)
-    f = jax.jit(f)
-    leaves, treedef = jax.tree_util.tree_flatten(meta.params)
+    flat, unravel = jax.flatten_util.ravel_pytree(meta.params)
+    grad = jax.jit(lambda p: jax.flatten_util.ravel_pytree(jax.grad(f)(unravel(p)))[0])(flat)
+    f_flat = jax.jit(lambda p: f(unravel(p)))  # of the flat meta-parameters
     for seed in range(3):
-      keys = jax.random.split(jax.random.PRNGKey(10 + seed), len(leaves))
-      direction = treedef.unflatten([jax.random.normal(k, l.shape, jnp.float64) for k, l in zip(keys, leaves)])
-      analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(direction)))
+      direction = jax.random.normal(jax.random.PRNGKey(10 + seed), flat.shape, jnp.float64)
+      analytic = jnp.vdot(grad, direction)
       h = 1e-9 if family == "stateless" else 1e-6  # tiny where relu kinks would be crossed
-      shift = lambda s: jax.tree_util.tree_map(lambda p, d: p + s * d, meta.params, direction)
-      numeric = (f(shift(h)) - f(shift(-h))) / (2 * h)
+      numeric = (f_flat(flat + h * direction) - f_flat(flat - h * direction)) / (2 * h)
       assert abs(float(analytic)) > 1e-4, "gradient must not vanish for the check to mean anything"
       np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-5)
 
