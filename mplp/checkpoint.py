@@ -52,11 +52,15 @@ def write(path, tree: Any, metadata: Dict[str, Any]) -> Path:
   arrays = {f"leaf_{i:05d}": a for i, a in enumerate(leaves)}
   arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
   tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:  # a full disk, an interrupt: leave no partial file behind
+    tmp.unlink(missing_ok=True)
+    raise
   fd = os.open(path.parent, os.O_RDONLY)
   try:
     os.fsync(fd)
@@ -73,6 +77,14 @@ def save(directory, step: int, tree: Any, metadata: Dict[str, Any], keep: int = 
   for old in list_checkpoints(directory)[:-keep]:
     old.unlink(missing_ok=True)
   return final
+
+
+def remove_partial(directory) -> List[Path]:
+  """Delete the `.tmp` files a killed writer left in `directory`; returns them."""
+  found = sorted(Path(directory).glob("*.tmp")) if Path(directory).is_dir() else []
+  for p in found:
+    p.unlink(missing_ok=True)
+  return found
 
 
 def step_of(path) -> int:

@@ -114,6 +114,13 @@ def flat_size(network: Network) -> int:
   return sum(int(np.prod(np.shape(_root(meta, p)))) for p, _, _ in _slots(network, meta))
 
 
+def _check_finite(flat: np.ndarray, what: str):
+  bad = np.flatnonzero(~np.isfinite(flat))
+  if bad.size:
+    raise ValueError(f"{what} hold {bad.size} non-finite values (NaN or inf; the first at index "
+                     f"{bad[0]}); allowed: finite float32 values only")
+
+
 def import_flat(flat: np.ndarray, network: Network) -> MetaParams:
   """The published flat vector -> `MetaParams` for `network`."""
   flat = np.asarray(flat, np.float32).ravel()
@@ -124,6 +131,7 @@ def import_flat(flat: np.ndarray, network: Network) -> MetaParams:
     raise ValueError(
         f"the published weights have {flat.size} values but this architecture needs "
         f"{sum(sizes)}; is it the right experiment?")
+  _check_finite(flat, "the published weights")
   offset = 0
   for (path, _, negate), size in zip(slots, sizes):
     shape = np.shape(_root(meta, path))
@@ -152,6 +160,7 @@ def load_prior(path: str, network: Network):
   need = sum(int(np.prod(s)) for s in shapes)
   if flat.size != need:
     raise ValueError(f"the prior has {flat.size} values but the network's dense layers need {need}")
+  _check_finite(flat, "the prior")
   arrays, offset = [], 0
   for s in shapes:
     n = int(np.prod(s))

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -107,9 +108,23 @@ def write(result: dict, out_dir, kind: str, config: dict, fits=None) -> Path:
   return out
 
 
+def finite_json(doc) -> str:
+  """`doc` as strict JSON: non-finite floats (a diverged method's NaN) become null, which
+  every JSON reader accepts (bare NaN is not JSON)."""
+  def clean(v):
+    if isinstance(v, float):
+      return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+      return {k: clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+      return [clean(x) for x in v]
+    return v
+  return json.dumps(clean(doc), indent=1, allow_nan=False) + "\n"
+
+
 def _write_json(path: Path, doc: dict):
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(doc, indent=1) + "\n")
+  tmp.write_text(finite_json(doc))
   os.replace(tmp, path)
 
 

@@ -156,6 +156,8 @@ def from_reference(path: str, experiment: str, prior: str | None = None, overrid
   task, trainer = _build(cfg)
   if not Path(path).is_file():
     raise config_lib.ConfigError(f"--reference: no such file {path!r}")
+  if prior is not None and not Path(prior).is_file():
+    raise config_lib.ConfigError(f"--reference-prior: no such file {prior!r}")
   try:
     meta = reference.import_flat(np.load(path, allow_pickle=False), trainer.network)
     init = reference.load_prior(prior, trainer.network) if prior else ()

@@ -44,18 +44,36 @@ class MetricsLog:
     self._file.close()
 
   @staticmethod
+  def _steps(path):
+    """[(step, line)] of the file; a last line cut by a kill is left out. Raises
+    ValueError naming the line for a damaged line anywhere else (never drops valid lines)."""
+    lines = Path(path).read_text().splitlines() if Path(path).exists() else []
+    out = []
+    for i, line in enumerate(lines, 1):
+      try:
+        step = json.loads(line)["step"]
+        if not isinstance(step, int):
+          raise TypeError(step)
+        out.append((step, line))
+      except (json.JSONDecodeError, KeyError, TypeError):
+        if i < len(lines):
+          raise ValueError(f"{path}: line {i} of {len(lines)} is not a metrics record ({line[:60]!r}); "
+                           "repair or remove that line to resume (nothing was changed)") from None
+    return out
+
+  @staticmethod
+  def check(path):
+    """Raise ValueError if `path` has a damaged line other than a cut last one."""
+    MetricsLog._steps(path)
+
+  @staticmethod
   def truncate_after(path, step: int):
-    """Keep only lines with `step <= step` (a resumed run rewrites the rest)."""
+    """Keep only lines with `step <= step` (a resumed run rewrites the rest); a last line
+    cut by a kill goes, a damaged line elsewhere is refused (ValueError, file untouched)."""
     path = Path(path)
     if not path.exists():
       return
-    kept = []
-    for line in path.read_text().splitlines():
-      try:
-        if json.loads(line)["step"] <= step:
-          kept.append(line)
-      except (json.JSONDecodeError, KeyError, TypeError):
-        break  # a line cut by a kill: everything after it is from after the checkpoint
+    kept = [line for s, line in MetricsLog._steps(path) if s <= step] if step > 0 else []
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(l + "\n" for l in kept))
     os.replace(tmp, path)

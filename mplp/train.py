@@ -25,7 +25,7 @@ from typing import Optional
 
 import jax
 
-from mplp import checkpoint, config as config_lib, distributed, evaluation
+from mplp import checkpoint, config as config_lib, distributed, evaluation, report
 from mplp.tasks import Sinusoid, jit_with_task
 from mplp.tracking import MetricsLog, start_wandb
 
@@ -74,6 +74,14 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
   latest = checkpoint.latest(ckpt_dir) if resume else None
   if latest is not None:
     checkpoint.read(latest)  # refuse a corrupted file before touching anything
+    if checkpoint.step_of(latest) >= cfg.run.steps:
+      raise RunError(f"--resume: {out} is already at meta-step {checkpoint.step_of(latest)} "
+                     f"({latest.name}); --steps {cfg.run.steps} asks for no more. Give --steps above "
+                     f"{checkpoint.step_of(latest)} to go on (nothing was changed)")
+    try:
+      MetricsLog.check(out / "metrics.jsonl")  # a damaged line is refused, not dropped
+    except ValueError as e:
+      raise RunError(f"--resume: {e}") from None
 
   task = task if task is not None else config_lib.build_task(cfg)
   network = config_lib.build_network(cfg, task)
@@ -90,6 +98,7 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
   writer = distributed.is_writer()
   if writer:
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_partial(ckpt_dir)  # a write cut by a kill
     if not resume:
       _write_atomic(cfg_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
   if latest is not None:
@@ -125,7 +134,7 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
       state, metrics = step_fn(state)
       done = t + 1
       bad = int(distributed.to_host(state.bad_steps))
-      if done % cfg.run.log_every == 0 or done == cfg.run.steps or t == start or bad:
+      if done % cfg.run.log_every == 0 or done == cfg.run.steps or done == 1 or bad:
         last = {k: float(v) for k, v in distributed.to_host(metrics).items()}
         last["wall_s"] = time.perf_counter() - t0
         if metrics_log is not None:
@@ -160,7 +169,7 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
     eval_trainer = dataclasses.replace(trainer, pool_size=0, mesh=None)
     final = evaluation.compare(eval_trainer, distributed.to_host(state), distributed.to_host(eval_task),
                                jax.random.PRNGKey(10_000 + cfg.run.seed), cfg.run.eval_tasks, cfg.run.tune_tasks)
-    _write_atomic(out / "final_eval.json", json.dumps(final, indent=1) + "\n")
+    _write_atomic(out / "final_eval.json", report.finite_json(final))
     log(format_comparison(final, task.kind))
     if wb is not None:
       wb.summary.update({f"final/{m}/{k}": v["mean"][-1] for m, r in final["methods"].items()

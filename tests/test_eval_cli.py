@@ -97,6 +97,21 @@ def test_eval_refuses_bad_sources(tmp_path, capsys):
   assert "--reference-prior" in err
   err = _error(capsys, ["eval", str(tmp_path), "--optimizers", "sgdd"])
   assert "is not an mplp run directory" in err
+  nan = tmp_path / "nan.npy"
+  np.save(nan, np.r_[np.zeros(115080, np.float32), np.nan].astype(np.float32))
+  err = _error(capsys, ["eval", "--reference", str(nan), "--experiment", "sinusoid_5x10"])
+  assert "hold 1 non-finite values (NaN or inf; the first at index 115080)" in err
+  err = _error(capsys, ["eval", "--reference", str(wrong), "--experiment", "maml_sinusoid_2x10",
+                        "--reference-prior", str(tmp_path / "missing.npy")])
+  assert "--reference-prior: no such file" in err
+
+
+def test_reports_are_strict_json():
+  """A diverged method's NaN is written as null: eval.json stays valid JSON."""
+  from mplp import report
+  text = report.finite_json({"mean": [0.5, float("nan"), float("inf")], "n": 3})
+  assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON")) == {
+      "mean": [0.5, None, None], "n": 3}
 
 
 @pytest.mark.skipif(not rules.shipped(), reason="no rule shipped yet")

@@ -236,3 +236,52 @@ def test_wandb_offline_run_and_online_fallback(tmp_path, monkeypatch):
           wandb_mode="online", progress=False)
   assert list((tmp_path / "on" / "wandb").glob("offline-run-*"))
   assert time.perf_counter() - t < 90
+
+
+def _resume_argv(out, steps, *extra):
+  return ["train", "maml_sinusoid_2x10", "--out", str(out), "--resume", "--steps", str(steps), "--no-progress",
+          *sum((["--set", s] for s in TINY + ["run.checkpoint_every=2", *extra]), [])]
+
+
+def test_resume_refuses_a_damaged_metrics_line_and_a_step_count_already_reached(tmp_path, capsys, finished_run):
+  """A damaged metrics line before the last is refused with its number (valid lines after
+  it were silently deleted before); --steps at or below the checkpoint's step says so;
+  neither changes a byte of the run."""
+  import shutil
+  out = tmp_path / "copy"
+  shutil.copytree(finished_run[0], out)
+  lines = (out / "metrics.jsonl").read_text().splitlines()
+  lines[1] = lines[1][:20] + "#garbled"
+  (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+  before = _snapshot(out)
+  msg = _run_error(capsys, _resume_argv(out, 8))
+  assert f"metrics.jsonl: line 2 of {len(lines)} is not a metrics record" in msg
+  assert _snapshot(out) == before
+  for steps in (4, 2):
+    msg = _run_error(capsys, _resume_argv(out, steps))  # checked before the metrics
+    assert f"is already at meta-step 4 (ckpt_00000004.npz); --steps {steps} asks for no more" in msg
+
+
+def test_resume_removes_partial_checkpoints_and_logs_as_an_uninterrupted_run(tmp_path):
+  """A `.tmp` left by a write cut by a kill is removed; the resumed run logs the steps an
+  uninterrupted run logs (no extra line for its first step), after the first run's own."""
+  cfg = lambda steps: config_lib.load("maml_sinusoid_2x10", TINY + [f"run.steps={steps}", "run.log_every=3",
+                                                                     "run.checkpoint_every=2"])
+  train(cfg(4), tmp_path / "cut", progress=False)
+  stale = tmp_path / "cut" / "checkpoints" / "ckpt_00000006.npz.tmp"
+  stale.write_bytes(b"half a checkpoint")
+  train(cfg(8), tmp_path / "cut", resume=True, progress=False, log=lambda *a: None)
+  assert not stale.exists() and checkpoint.latest(tmp_path / "cut" / "checkpoints").name == "ckpt_00000008.npz"
+  train(cfg(8), tmp_path / "whole", progress=False)
+  whole = [m["step"] for m in _metrics(tmp_path / "whole" / "metrics.jsonl")]
+  assert whole == [1, 3, 6, 8]
+  assert [m["step"] for m in _metrics(tmp_path / "cut" / "metrics.jsonl")] == [1, 3, 4, 6, 8]  # 4: the first run's end
+
+
+def test_a_failed_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch):
+  def full_disk(*a, **k):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(np, "savez", full_disk)
+  with pytest.raises(OSError, match="No space left"):
+    checkpoint.save(tmp_path, 3, {"a": np.ones(3)}, {})
+  assert list(tmp_path.iterdir()) == []
