@@ -128,6 +128,22 @@ def _train(a) -> int:
   return 0
 
 
+def _writable_dir(path: str) -> str:
+  """`path` if results can be written there (created if missing), checked before any work
+  so that finished results are never computed and then lost; ConfigError naming it."""
+  import tempfile
+  from pathlib import Path
+  d = Path(path)
+  if d.exists() and not d.is_dir():
+    raise ConfigError(f"--out: {d} is a file, not a directory; allowed: a directory to write results to")
+  try:
+    d.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=d).close()
+  except OSError as e:
+    raise ConfigError(f"--out: cannot write to {d} ({e.strerror or e}); choose a writable directory") from None
+  return str(d)
+
+
 def _eval(a) -> int:
   import dataclasses
   import jax
@@ -145,6 +161,7 @@ def _eval(a) -> int:
   names = ["mplp"] + [name for name, _, _ in others]
   if len(set(names)) < len(names):
     raise ConfigError(f"--against: method names must differ (the rule is 'mplp'), got {names}")
+  out_dir = _writable_dir(a.out or f"runs/eval-{name}-seed{a.seed}")  # before the work
   if isinstance(task, Sinusoid):
     task = dataclasses.replace(task, eval_grid=True)
   key = jax.random.PRNGKey(a.seed)
@@ -155,7 +172,7 @@ def _eval(a) -> int:
     fits = jax.jit(jax.vmap(lambda k: evaluation.rule_predictions(
         trainer, rule.trainable, rule.stats, (), task, k)))(keys)  # one compile for the three
     fits = [jax.tree_util.tree_map(lambda a, i=i: a[i], fits) for i in range(len(keys))]
-  out = report.write(result, a.out or f"runs/eval-{name}-seed{a.seed}", task.kind, cfg.to_dict(), fits)
+  out = report.write(result, out_dir, task.kind, cfg.to_dict(), fits)
   print((out / "eval.md").read_text())
   if a.wandb != "disabled":
     from mplp.tracking import start_wandb
@@ -193,11 +210,12 @@ def _analyze(a) -> int:
   if a.tasks < 1:
     raise ConfigError(f"--tasks must be >= 1, got {a.tasks}")
   cfg, trainer, rule, task, name = _load_source(a)
+  out_dir = _writable_dir(a.out or f"runs/analyze-{name}-seed{a.seed}")
   keys = jax.random.split(jax.random.PRNGKey(a.seed), a.tasks)
   fn = lambda tr, st, k, task: analysis.alignment(trainer, tr, st, task, k)
   curves = jit_with_task(fn, task)(rule.trainable, rule.stats, keys)
   summary = analysis.summarize(curves, analysis.layer_names(trainer.network))
-  out = report.write_analysis(summary, a.out or f"runs/analyze-{name}-seed{a.seed}", a.tasks, cfg.to_dict())
+  out = report.write_analysis(summary, out_dir, a.tasks, cfg.to_dict())
   print((out / "analysis.md").read_text())
   if a.wandb != "disabled":
     from mplp.tracking import start_wandb

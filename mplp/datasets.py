@@ -34,12 +34,14 @@ class ArrayData(NamedTuple):
 
 
 def _standardize(x_train, y_train, x_test, y_test, classes) -> ArrayData:
-  x_train = x_train.reshape(len(x_train), -1).astype(np.float32)
-  x_test = x_test.reshape(len(x_test), -1).astype(np.float32)
+  """Standardized with the train split's scalar mean and std, computed in float64 (in
+  float32, values near 1e20 overflow the variance and came out as zeros), stored float32."""
+  x_train = x_train.reshape(len(x_train), -1).astype(np.float64)
+  x_test = x_test.reshape(len(x_test), -1).astype(np.float64)
   mean, std = x_train.mean(), x_train.std()
-  std = std if std > 1e-8 else 1.0
-  return ArrayData((x_train - mean) / std, y_train.astype(np.int32),
-                   (x_test - mean) / std, y_test.astype(np.int32), int(classes))
+  std = std if std > 1e-8 * max(1.0, abs(mean)) else 1.0
+  return ArrayData(((x_train - mean) / std).astype(np.float32), y_train.astype(np.int32),
+                   ((x_test - mean) / std).astype(np.float32), y_test.astype(np.int32), int(classes))
 
 
 def _split(x, y, test_fraction: float, seed: int):
@@ -121,6 +123,9 @@ def npz(path: str, seed: int = 0, test_fraction: float = 0.25) -> ArrayData:
     if xk not in arrays or yk not in arrays:
       raise DataError(f"{path}: {xk} and {yk} must be given together")
     x, y = arrays[xk], arrays[yk]
+    if np.iscomplexobj(x):
+      raise DataError(f"{path}: {xk} is complex ({x.dtype}); allowed: real numbers (split the real "
+                      "and imaginary parts into features yourself)")
     if not np.issubdtype(x.dtype, np.number) or x.ndim < 2:
       raise DataError(f"{path}: {xk} must be a numeric array [N, features...], got dtype "
                       f"{x.dtype} shape {x.shape}")
@@ -139,6 +144,11 @@ def npz(path: str, seed: int = 0, test_fraction: float = 0.25) -> ArrayData:
   if y_all.min() < 0 or classes < 2:
     raise DataError(f"{path}: labels must be in 0..K-1 with K >= 2, got min "
                     f"{int(y_all.min())} max {int(y_all.max())}")
+  distinct = len(np.unique(y_all))
+  if classes > 2 * distinct:
+    raise DataError(f"{path}: labels go up to {classes - 1} ({classes} classes, the network's output "
+                    f"width) but only {distinct} distinct labels occur; relabel them 0..{distinct - 1} "
+                    "(np.unique(y, return_inverse=True))")
   if "x_test" in arrays:
     if arrays["x_test"].shape[1:] != arrays["x"].shape[1:]:
       raise DataError(f"{path}: x_test examples have shape {arrays['x_test'].shape[1:]} but x "

@@ -181,14 +181,19 @@ def transfer_table(eval_dirs) -> str:
     path = Path(d) / "eval.json"
     if not path.is_file():
       raise FileNotFoundError(f"{d}: no eval.json (not an `mplp eval` output directory)")
-    doc = json.loads(path.read_text())
-    net, task = doc["config"]["network"], doc["config"]["task"]
-    size = f"-{task['image_size']}px" if task["name"] in ("mnist", "fashion_mnist") else ""
-    final = {m: r["mean"][-1] for m, r in doc["methods"].items()}
-    rule = final.pop("mplp")
+    try:
+      doc = json.loads(path.read_text())
+      net, task = doc["config"]["network"], doc["config"]["task"]
+      size = f"-{task['image_size']}px" if task["name"] in ("mnist", "fashion_mnist") else ""
+      final = {m: r["mean"][-1] for m, r in doc["methods"].items()}
+      rule = final.pop("mplp")
+      hidden, activation, steps = net["hidden"], net["activation"], task["inner_steps"]
+    except (ValueError, KeyError, TypeError, IndexError) as e:  # JSONDecodeError is a ValueError
+      raise FileNotFoundError(f"{path}: not an `mplp eval` result ({type(e).__name__}: {e}); "
+                              "rerun mplp eval for that directory") from None
     better = max if doc["metric"] == "accuracy" else min
     name, base = better(final.items(), key=lambda kv: kv[1])
-    lines.append(f"| {Path(d).name} | {'-'.join(map(str, net['hidden']))} {net['activation']} | "
-                 f"{task['name']}{size}, {task['inner_steps']} steps | {rule:.4f} | {base:.4f} ({name}) | "
+    lines.append(f"| {Path(d).name} | {'-'.join(map(str, hidden))} {activation} | "
+                 f"{task['name']}{size}, {steps} steps | {rule:.4f} | {base:.4f} ({name}) | "
                  f"{rule - base:+.4f} |")
   return "\n".join(lines) + "\n"

@@ -53,6 +53,11 @@ def test_npz_loads_and_splits(tmp_path):
   d = datasets.npz(_npz(tmp_path, x=x, y=y), seed=0)
   assert d.x_train.shape == (30, 6) and d.x_test.shape == (10, 6) and d.classes == 3
 
+  # finite values near 1e20 are standardized, not zeroed (float32 overflowed the variance)
+  huge = datasets.npz(_npz(tmp_path, x=x * 1e20 + 3e20, y=y), seed=0)
+  np.testing.assert_allclose(huge.x_train, d.x_train, rtol=1e-5, atol=1e-5)
+  assert abs(huge.x_train.std() - 1) < 1e-5
+
 
 @pytest.mark.parametrize("arrays, message", [
     (dict(x=np.ones((5, 2))), r"missing arrays \['y'\]"),
@@ -61,6 +66,8 @@ def test_npz_loads_and_splits(tmp_path):
     (dict(x=np.ones((4, 2)), y=np.array([0, 1, -1, 1])), r"labels must be in 0..K-1 with K >= 2, got min -1"),
     (dict(x=np.ones((4, 2)), y=np.array([0.0, 1, 0, 1])), r"y must hold integer labels"),
     (dict(x=np.ones(4), y=np.arange(4) % 2), r"x must be a numeric array \[N, features...\]"),
+    (dict(x=np.ones((4, 2)) * (1 + 1j), y=np.arange(4) % 2), r"x is complex \(complex128\); allowed: real numbers"),
+    (dict(x=np.ones((4, 2)), y=np.array([0, 1, 1, 10 ** 6])), r"labels go up to 1000000 \(1000001 classes.*only 3 distinct"),
 ])
 def test_malformed_npz_is_refused(tmp_path, arrays, message):
   with pytest.raises(datasets.DataError, match=message):

@@ -285,3 +285,28 @@ def test_a_failed_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch)
   with pytest.raises(OSError, match="No space left"):
     checkpoint.save(tmp_path, 3, {"a": np.ones(3)}, {})
   assert list(tmp_path.iterdir()) == []
+
+
+def test_damaged_files_and_unwritable_outputs_get_one_line_errors(tmp_path, capsys, finished_run):
+  """A truncated config.json (resume, eval), a malformed eval.json (transfer) and an --out
+  that cannot be written are refused before any work, with one line naming the file."""
+  import shutil
+  out = tmp_path / "copy"
+  shutil.copytree(finished_run[0], out)
+  text = (out / "config.json").read_text()
+  (out / "config.json").write_text(text[: len(text) // 2])
+  before = _snapshot(out)
+  assert "config.json is damaged (JSONDecodeError" in _run_error(capsys, _resume_argv(out, 8))
+  assert "config.json is damaged (JSONDecodeError" in _run_error(capsys, ["eval", str(out)])
+  assert _snapshot(out) == before
+  (tmp_path / "ev").mkdir()
+  (tmp_path / "ev" / "eval.json").write_text('{"metric": "loss", "methods": ')
+  assert "eval.json: not an `mplp eval` result (JSONDecodeError" in _run_error(capsys, ["transfer", str(tmp_path / "ev")])
+  (tmp_path / "ev" / "eval.json").write_text('{"metric": "loss", "methods": {}}')
+  assert "eval.json: not an `mplp eval` result (KeyError" in _run_error(capsys, ["transfer", str(tmp_path / "ev")])
+  a_file = tmp_path / "a_file"
+  a_file.write_text("keep me")
+  for target, why in ((a_file, "is a file, not a directory"), (a_file / "sub", "cannot write to")):
+    msg = _run_error(capsys, ["eval", str(finished_run[0]), "--tasks", "2", "--tune-tasks", "1", "--out", str(target)])
+    assert f"--out: {target} {why}" in msg if why.startswith("is") else f"--out: cannot write to {target}" in msg
+  assert a_file.read_text() == "keep me"
