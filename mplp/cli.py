@@ -123,6 +123,7 @@ def _train(a) -> int:
     distributed.initialize(a.coordinator, a.num_processes, a.process_id)
   cfg = config_lib.load(a.experiment, overrides)
   out = a.out or f"runs/{Path(a.experiment).stem}-seed{cfg.run.seed}"
+  a.run_dir = out  # for the message after an interrupt
   train(cfg, out, resume=a.resume, wandb_mode=a.wandb, progress=not a.no_progress)
   print(f"outputs in {out}")
   return 0
@@ -258,9 +259,26 @@ def main(argv=None) -> int:
     print(f"mplp: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    print("mplp: interrupted; resume with --resume (the last checkpoint is intact)", file=sys.stderr)
-    return 130
+    _interrupted(a)
   return 1
+
+
+def _interrupted(a):
+  """Ctrl-C / SIGINT: say what is left, then leave at once with 130. The interpreter's own
+  shutdown is skipped: with XLA still compiling in its threads it crashed (exit 139)."""
+  import os
+  from pathlib import Path
+  from mplp import checkpoint
+  msg = "mplp: interrupted"
+  run_dir = getattr(a, "run_dir", None)
+  if a.command == "train" and run_dir is not None:
+    last = checkpoint.latest(Path(run_dir) / "checkpoints")
+    msg += (f"; {last} is intact: continue with --resume" if last is not None else
+            f"; {run_dir} has no checkpoint yet (--resume starts it over)")
+  print(msg, file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(130)
 
 
 if __name__ == "__main__":

@@ -125,5 +125,8 @@ def start_wandb(mode: str, out_dir, config: Dict[str, Any], project: str = "mplp
       raise
     warnings.warn(f"--wandb online failed ({type(e).__name__}: {e}); logging offline instead",
                   stacklevel=2)
+    # The failed attempt keeps the run id registered in this process ("run ID ... is in
+    # use" on the retry, e.g. against a server that is not W&B): start the client afresh.
+    wandb.teardown()
     kwargs["mode"] = "offline"
     return wandb.init(**kwargs)

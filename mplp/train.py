@@ -161,6 +161,10 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
         checkpoint.save(ckpt_dir, done, distributed.to_host(state), {"config": cfg.to_dict(), "seed": cfg.run.seed,
                                                 "rng": distributed.to_host(state.rng).tolist()},
                         keep=cfg.run.keep_checkpoints)
+  except KeyboardInterrupt:
+    if wb is not None:
+      wb.finish(exit_code=130)  # the W&B run keeps what was logged
+    raise
   finally:
     if metrics_log is not None:
       metrics_log.close()

@@ -310,3 +310,58 @@ def test_damaged_files_and_unwritable_outputs_get_one_line_errors(tmp_path, caps
     msg = _run_error(capsys, ["eval", str(finished_run[0]), "--tasks", "2", "--tune-tasks", "1", "--out", str(target)])
     assert f"--out: {target} {why}" in msg if why.startswith("is") else f"--out: cannot write to {target}" in msg
   assert a_file.read_text() == "keep me"
+
+
+def test_wandb_online_against_a_server_that_is_not_wandb_falls_back_offline(tmp_path, monkeypatch):
+  """A reachable TCP listener that is not W&B (it answers 404): mplp train used to stop
+  with "run ID ... is in use" when retrying offline; it now logs offline with the same id."""
+  import socket
+  import threading
+  server = socket.socket()
+  server.bind(("127.0.0.1", 0))
+  server.listen(8)
+  server.settimeout(60)
+
+  def answer():
+    try:
+      while True:
+        conn, _ = server.accept()
+        with conn:
+          conn.recv(65536)
+          conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    except OSError:  # closed at the end of the test, or idle for a minute
+      pass
+
+  threading.Thread(target=answer, daemon=True).start()
+  monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+  monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+  cfg = config_lib.load("maml_sinusoid_2x10", TINY + ["run.steps=2"])
+  try:
+    with pytest.warns(UserWarning, match="--wandb online failed.*logging offline instead"):
+      train(cfg, tmp_path / "run", wandb_mode="online", progress=False)
+  finally:
+    server.close()
+  run_id = (tmp_path / "run" / "wandb_run_id").read_text().strip()
+  assert list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))
+  assert [m["step"] for m in _metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+def test_sigint_during_compilation_exits_130_with_what_is_left(tmp_path):
+  """Ctrl-C while XLA compiles the meta-step (it crashed with exit 139 in the interpreter's
+  shutdown): exit 130 and a message that says there is no checkpoint to resume from yet."""
+  out = tmp_path / "run"
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cold-cache")}  # really compile
+  proc = subprocess.Popen(_cli(out, "--steps", "100000"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  try:
+    deadline = time.time() + 240
+    while not (out / "config.json").exists():  # written after init, before the meta-step compiles
+      assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+      time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=240)[1].decode()
+  finally:
+    proc.kill()
+  assert proc.returncode == 130, (proc.returncode, err)
+  assert err.strip().splitlines()[-1] == f"mplp: interrupted; {out} has no checkpoint yet (--resume starts it over)"
+  assert not checkpoint.list_checkpoints(out / "checkpoints")
