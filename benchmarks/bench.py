@@ -118,9 +118,20 @@ def run_meta_step(name: str, repeats: int) -> dict:
   compile_s, times = _time_meta_steps(jit_with_task(trainer.step, task), state, repeats)
   median = statistics.median(times)
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  # XLA's count of one task's T-step meta-gradient (loops unrolled), times the outer batch
+  # (the optimizer's and the held-out loss' flops are negligible next to it)
+  net = trainer.network
+  meta = net.init_meta(jax.random.PRNGKey(0))
+  sample = task.sample(jax.random.PRNGKey(1), cfg.task.inner_steps, cfg.task.batch_size, 1)
+  flops = cfg.meta.outer_batch * _flops(net, meta, "unroll_grad",
+                                        (meta.params, net.init(jax.random.PRNGKey(2), cfg.task.batch_size),
+                                         sample.xs, sample.ys))
+  matmul = _matmul_gflops()
   return {"median_s": median, "min_s": min(times), "repeats": repeats, "compile_s": compile_s,
           "peak_rss_mb": peak_mb, "authors_s": AUTHORS_S[name], "authors_peak_mb": AUTHORS_PEAK_MB[name],
-          "speedup_vs_authors": AUTHORS_S[name] / median, "matmul_2048_gflops": _matmul_gflops(),
+          "speedup_vs_authors": AUTHORS_S[name] / median, "matmul_2048_gflops": matmul,
+          "xla_flops": flops, "achieved_gflops": flops / median / 1e9,
+          "fraction_of_matmul": flops / median / 1e9 / matmul,
           "shape": {"outer_batch": cfg.meta.outer_batch, "inner_steps": cfg.task.inner_steps,
                     "batch": cfg.task.batch_size, "remat": cfg.meta.remat},
           "device": str(jax.devices()[0])}
@@ -185,7 +196,29 @@ def run_devices(name: str, repeats: int) -> dict:
           "compile_s": compile_s}
 
 
+def run_train(name: str, repeats: int) -> dict:
+  """`mplp train sinusoid_5x10` end to end, as a user runs it (its own process, no W&B, no
+  final eval): `meta_steps_per_s` is the progress bar's rate (steps 2..N from the
+  metrics' wall clock, after the compile), `first_step_s` the wait before step 1."""
+  import json as _json
+  import tempfile
+  from pathlib import Path
+  steps = max(repeats, 20)
+  with tempfile.TemporaryDirectory() as d:
+    cmd = [sys.executable, "-m", "mplp.cli", "train", "sinusoid_5x10", "--steps", str(steps), "--out", d + "/run",
+           "--wandb", "disabled", "--no-progress", "--set", "run.eval_tasks=0", "--set", "run.log_every=1"]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    total = time.perf_counter() - t
+    wall = {m["step"]: m["wall_s"] for m in map(_json.loads, Path(d, "run", "metrics.jsonl").read_text().splitlines())}
+  return {"median_s": (wall[steps] - wall[1]) / (steps - 1), "meta_steps_per_s": (steps - 1) / (wall[steps] - wall[1]),
+          "first_step_s": wall[1], "command_s": total, "steps": steps, "compile_s": wall[1],
+          "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
 def run_one(name: str, repeats: int) -> dict:
+  if name == "train_sinusoid_5x10":
+    return run_train(name, repeats)
   if name.endswith("_meta_step"):
     return run_meta_step(name, repeats)
   if "_meta_grad_T" in name:
@@ -232,6 +265,7 @@ def run_one(name: str, repeats: int) -> dict:
       "xla_flops": flops,
       "achieved_gflops": flops / median / 1e9,
       "matmul_2048_gflops": matmul,
+      "fraction_of_matmul": flops / median / 1e9 / matmul,
       "shape": {"preset": preset, "batch": batch, "steps": steps, "agents_per_step": agents},
       "device": str(jax.devices()[0]),
   }
@@ -245,7 +279,7 @@ NAMES = ("sinusoid_inner_step", "mnist_inner_step", "sinusoid_unroll_grad", "mni
          "sinusoid_meta_step", "mnist_meta_step",
          *(f"mnist_meta_grad_T{t}{s}" for t in (5, 20, 80) for s in ("", "_noremat")),
          "mnist784_meta_grad_T20", "mnist784_meta_grad_T20_noremat",
-         "devices_1", "devices_2", "devices_4")
+         "devices_1", "devices_2", "devices_4", "train_sinusoid_5x10")
 MEMORY_LIMIT_GB = 18  # a child that needs more fails (reported), instead of swapping the machine
 
 
@@ -275,9 +309,11 @@ def main(argv=None):
       continue
     results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     r = results[name]
-    rate = (f"{r['agent_updates_per_s']:.3g} agent-updates/s  {r['achieved_gflops']:6.1f} GFLOP/s "
-            if "achieved_gflops" in r else "")
+    rate = f"{r['agent_updates_per_s']:.3g} agent-updates/s  " if "agent_updates_per_s" in r else ""
+    rate += f"{r['achieved_gflops']:6.1f} GFLOP/s " if "achieved_gflops" in r else ""
     rate += f"(matmul {r['matmul_2048_gflops']:.0f})" if "matmul_2048_gflops" in r else ""
+    rate += f" {100 * r['fraction_of_matmul']:.0f}% of matmul" if "fraction_of_matmul" in r else ""
+    rate += f" {r['meta_steps_per_s']:.2f} meta-steps/s" if "meta_steps_per_s" in r else ""
     print(f"{name:24s} median {r['median_s'] * 1e3:8.2f} ms  compile {r['compile_s']:5.2f} s  "
           f"peak {r['peak_rss_mb']:7.0f} MB  {rate}"
           + (f"  x{r['speedup_vs_authors']:.2f} vs authors" if "speedup_vs_authors" in r else ""),
