@@ -19,7 +19,7 @@ import sys
 import warnings
 
 from mplp.checkpoint import CheckpointError
-from mplp.config import ConfigError
+from mplp.config import SEED_MAX, ConfigError
 from mplp.datasets import DataError, DataUnavailableError
 from mplp.tracking import WANDB_MODES
 
@@ -129,6 +129,11 @@ def _train(a) -> int:
   return 0
 
 
+def _check_seed(seed: int):
+  if not 0 <= seed <= SEED_MAX:
+    raise ConfigError(f"--seed: {seed} is out of range; allowed: 0 to {SEED_MAX}")
+
+
 def _writable_dir(path: str) -> str:
   """`path` if results can be written there (created if missing), checked before any work
   so that finished results are never computed and then lost; ConfigError naming it."""
@@ -152,6 +157,7 @@ def _eval(a) -> int:
   from mplp.tasks import Sinusoid
   if a.tasks < 2 or a.tune_tasks < 1:
     raise ConfigError(f"--tasks must be >= 2 and --tune-tasks >= 1, got {a.tasks} and {a.tune_tasks}")
+  _check_seed(a.seed)
   cfg, trainer, rule, task, name = _load_source(a)
   for opt in a.optimizers:  # refuse unknown names before any work
     try:
@@ -210,6 +216,7 @@ def _analyze(a) -> int:
   from mplp.tasks import jit_with_task
   if a.tasks < 1:
     raise ConfigError(f"--tasks must be >= 1, got {a.tasks}")
+  _check_seed(a.seed)
   cfg, trainer, rule, task, name = _load_source(a)
   out_dir = _writable_dir(a.out or f"runs/analyze-{name}-seed{a.seed}")
   keys = jax.random.split(jax.random.PRNGKey(a.seed), a.tasks)

@@ -28,6 +28,9 @@ class ConfigError(ValueError):
   """A config key, type or value that is not allowed."""
 
 
+SEED_MAX = 2 ** 31 - 1
+
+
 def _f(default, *, choices=None, lo=None, hi=None, lo_open=False, doc=""):
   return dataclasses.field(default=default, metadata=dict(choices=choices, lo=lo, hi=hi,
                                                           lo_open=lo_open, doc=doc))
@@ -56,7 +59,7 @@ class TaskConfig:
   permute_classes: bool = _f(False)
   path: str = _f("", doc="npz: the file")
   data_dir: str = _f("", doc="mnist/fashion_mnist: prepared tfds directory")
-  split_seed: int = _f(0, lo=0, doc="digits/npz: train/test split")
+  split_seed: int = _f(0, lo=0, hi=2 ** 32 - 1, doc="digits/npz: train/test split (numpy's seed range)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +92,7 @@ class MetaConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   steps: int = _f(1000, lo=0)
-  seed: int = _f(0, lo=0)
+  seed: int = _f(0, lo=0, hi=SEED_MAX, doc="jax.random.PRNGKey's range, with room for the final eval's seed + 10,000")
   log_every: int = _f(10, lo=1)
   checkpoint_every: int = _f(100, lo=1)
   keep_checkpoints: int = _f(3, lo=1)
@@ -242,9 +245,12 @@ def load(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
   """Read an experiment config and apply `section.key=value` overrides."""
   path = experiment_path(name_or_path)
   try:
-    raw = tomllib.loads(path.read_text())
+    raw = tomllib.loads(path.read_text(encoding="utf-8"))
   except tomllib.TOMLDecodeError as e:
     raise ConfigError(f"{path}: not valid TOML ({e})") from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason}); a config is "
+                      "TOML text in UTF-8") from None
   return from_dict(apply_overrides(raw, overrides))
 
 

@@ -40,6 +40,42 @@ def _write_atomic(path: Path, text: str):
   os.replace(tmp, path)
 
 
+def _lock_holder(path: Path) -> str:
+  """Who holds the flock on `path`, from /proc/locks (Linux): 'pid N', or a plain phrase."""
+  try:
+    inode = path.stat().st_ino
+    for line in Path("/proc/locks").read_text().splitlines():
+      fields = line.split()
+      if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].split(":")[-1] == str(inode):
+        return f"pid {fields[4]}"
+  except OSError:
+    pass
+  return "another process"
+
+
+def _lock(out: Path):
+  """Hold `DIR/.lock` (an exclusive `flock`) while this process writes DIR: a second
+  writer on the same directory is refused at once, naming the process that holds it. The
+  kernel drops the lock when its holder dies (kill -9 included), so a stale lock never
+  blocks --resume. Returns the open file (the lock lasts while it is open); the file is
+  never written, so taking the lock changes no byte of the run."""
+  import fcntl
+  path = out / ".lock"
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a")
+  except OSError as e:
+    raise RunError(f"--out: cannot write to {out} ({e.strerror or e}); choose a writable directory "
+                   "(nothing was written)") from None
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.close()
+    raise RunError(f"{out} is being written by another mplp train ({_lock_holder(path)}); wait for it "
+                   "to end or choose another --out (nothing was changed)") from None
+  return f
+
+
 def _check_resume(saved: config_lib.Config, new: config_lib.Config):
   a, b = saved.flat(), new.flat()
   free = {"run.steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints",
@@ -64,6 +100,21 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
   out = Path(out_dir)
   ckpt_dir = out / "checkpoints"
   cfg_path = out / "config.json"
+  created = not out.exists()
+  lock = _lock(out) if distributed.is_writer() else None
+  try:
+    return _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log)
+  except BaseException:
+    if created and lock is not None and [p.name for p in out.iterdir()] == [".lock"]:
+      (out / ".lock").unlink()  # refused before writing anything: leave no directory behind
+      out.rmdir()
+    raise
+  finally:
+    if lock is not None:
+      lock.close()
+
+
+def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log) -> dict:
   if resume:
     if not cfg_path.exists():
       raise RunError(f"--resume: {out} has no config.json; there is no run to resume there")

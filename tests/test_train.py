@@ -56,7 +56,7 @@ def _cli(out, *args):
   return cmd
 
 
-def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path, capsys):
   killed = tmp_path / "killed"
   proc = subprocess.Popen(_cli(killed, "--steps", "100000", "--set", "run.checkpoint_every=4"),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -68,13 +68,19 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
         break
       assert proc.poll() is None, proc.stderr.read().decode()
       time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    # a second writer on the same directory is refused at once, naming the first
+    code = main(["train", "maml_sinusoid_2x10", "--out", str(killed), "--resume", "--no-progress",
+                 *sum((["--set", s] for s in TINY), [])])
+    assert code == 2
+    proc.send_signal(signal.SIGKILL)  # and the lock it held does not outlive it (the resume below)
   finally:
     proc.wait()
   last = checkpoint.latest(killed / "checkpoints")
   k = int(last.stem.split("_")[1])
   total = k + 6
   assert max(m["step"] for m in _metrics(killed / "metrics.jsonl")) >= k
+  err = capsys.readouterr().err
+  assert f"{killed} is being written by another mplp train (pid {proc.pid})" in err, err
   res = subprocess.run(_cli(killed, "--steps", str(total), "--resume", "--set", "run.checkpoint_every=4"),
                        capture_output=True, text=True)
   assert res.returncode == 0, res.stderr
@@ -306,6 +312,16 @@ def test_damaged_files_and_unwritable_outputs_get_one_line_errors(tmp_path, caps
   assert "eval.json: not an `mplp eval` result (KeyError" in _run_error(capsys, ["transfer", str(tmp_path / "ev")])
   a_file = tmp_path / "a_file"
   a_file.write_text("keep me")
+  msg = _run_error(capsys, ["train", "maml_sinusoid_2x10", "--out", str(a_file / "run"), "--steps", "2"])
+  assert f"--out: cannot write to {a_file / 'run'}" in msg
+  latin = tmp_path / "latin.toml"
+  latin.write_bytes(b"# caf\xe9\n[network]\npreset = 'sinusoid_5x10'\n")
+  assert "latin.toml: not a UTF-8 text file (byte 5" in _run_error(capsys, ["train", str(latin)])
+  assert "run.seed: 99999999999999999999 is out of range; must be <= 2147483647" in _run_error(
+      capsys, ["train", "maml_sinusoid_2x10", "--seed", "99999999999999999999", "--out", str(tmp_path / "s")])
+  assert "--seed: 99999999999999999999 is out of range; allowed: 0 to 2147483647" in _run_error(
+      capsys, ["eval", str(finished_run[0]), "--seed", "99999999999999999999"])
+  assert not (tmp_path / "s").exists()
   for target, why in ((a_file, "is a file, not a directory"), (a_file / "sub", "cannot write to")):
     msg = _run_error(capsys, ["eval", str(finished_run[0]), "--tasks", "2", "--tune-tasks", "1", "--out", str(target)])
     assert f"--out: {target} {why}" in msg if why.startswith("is") else f"--out: cannot write to {target}" in msg
@@ -335,9 +351,11 @@ def test_wandb_online_against_a_server_that_is_not_wandb_falls_back_offline(tmp_
   threading.Thread(target=answer, daemon=True).start()
   monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
   monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+  import wandb
+  wandb.teardown()  # a W&B service left by an earlier test would keep its own server address
   cfg = config_lib.load("maml_sinusoid_2x10", TINY + ["run.steps=2"])
   try:
-    with pytest.warns(UserWarning, match="--wandb online failed.*logging offline instead"):
+    with pytest.warns(UserWarning, match="(?s)--wandb online failed.*logging offline instead"):
       train(cfg, tmp_path / "run", wandb_mode="online", progress=False)
   finally:
     server.close()
