@@ -89,15 +89,12 @@ class ES:
 
   def _noise(self, key, trainable):
     """eps [pairs, ...] for every trainable tensor, drawn in one call: [pairs, n] for the
-    n trainable values, then cut into the tensors (one random draw per tensor made a
-    loop per tensor in the compiled program: 18 s of compile for 3 pairs of a ~100-tensor
-    rule, 4 s with one draw). Drawn in float32 in every precision: a perturbation needs
-    no more, and float64's inverse erf is a program of its own (XLA copied it into every
-    tensor's slice: 90k lines of HLO)."""
+    n trainable values, then cut into the tensors. One draw per tensor made a loop per
+    tensor in the compiled program; drawn in float32 in every precision (a perturbation
+    needs no more, and float64's inverse erf is a large program). Measured on a 3-pair ES
+    estimate of a ~100-tensor rule in float64: 18.4 s of compile before, 7.5 s now."""
     flat, unravel = jax.flatten_util.ravel_pytree(trainable)
-    eps = jax.random.normal(key, (self.pairs,) + flat.shape, jnp.float32)
-    # computed once, not fused into each tensor's slice
-    eps = jax.lax.optimization_barrier(self.sigma * eps.astype(flat.dtype))
+    eps = self.sigma * jax.random.normal(key, (self.pairs,) + flat.shape, jnp.float32).astype(flat.dtype)
     return jax.vmap(unravel)(eps)
 
   def estimate(self, trainer, trainable, stats, pool, key, task, carry):

@@ -364,6 +364,7 @@ def test_wandb_online_against_a_server_that_is_not_wandb_falls_back_offline(tmp_
   assert [m["step"] for m in _metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # the child execs at once (preexec_fn)
 def test_sigint_during_compilation_exits_130_with_what_is_left(tmp_path):
   """Ctrl-C while XLA compiles the meta-step (it crashed with exit 139 in the interpreter's
   shutdown): exit 130 and a message that says there is no checkpoint to resume from yet."""
