@@ -241,7 +241,7 @@ def _transfer(a) -> int:
   from mplp import report
   try:
     text = report.transfer_table(a.eval_dirs)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, ValueError) as e:
     raise ConfigError(str(e)) from None
   print(text)
   if a.out:

@@ -265,8 +265,17 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
   return raw
 
 
+def read_json(path) -> Dict[str, Any]:
+  """A run's saved `config.json` as a dict; a damaged file is a ConfigError naming it."""
+  try:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+    raise ConfigError(f"{path} is damaged ({type(e).__name__}: {e}); it must be the JSON config "
+                      "mplp train wrote (nothing was changed)") from None
+
+
 def load_json(path) -> Config:
-  return from_dict(json.loads(Path(path).read_text()))
+  return from_dict(read_json(path))
 
 
 def build_task(c: Config):

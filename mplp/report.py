@@ -189,8 +189,8 @@ def transfer_table(eval_dirs) -> str:
       rule = final.pop("mplp")
       hidden, activation, steps = net["hidden"], net["activation"], task["inner_steps"]
     except (ValueError, KeyError, TypeError, IndexError) as e:  # JSONDecodeError is a ValueError
-      raise FileNotFoundError(f"{path}: not an `mplp eval` result ({type(e).__name__}: {e}); "
-                              "rerun mplp eval for that directory") from None
+      raise ValueError(f"{path}: not an `mplp eval` result ({type(e).__name__}: {e}); "
+                       "rerun mplp eval for that directory") from None
     better = max if doc["metric"] == "accuracy" else min
     name, base = better(final.items(), key=lambda kv: kv[1])
     lines.append(f"| {Path(d).name} | {'-'.join(map(str, hidden))} {activation} | "

@@ -91,11 +91,7 @@ def _restore_run(run_dir, step=None):
   run_dir = Path(run_dir)
   if not (run_dir / "config.json").exists():
     raise config_lib.ConfigError(f"{run_dir} is not an mplp run directory (no config.json)")
-  try:
-    raw = json.loads((run_dir / "config.json").read_text())
-  except (ValueError, UnicodeDecodeError) as e:
-    raise config_lib.ConfigError(f"{run_dir / 'config.json'} is damaged ({type(e).__name__}: {e}); "
-                                 "it must be the JSON config mplp train wrote") from None
+  raw = config_lib.read_json(run_dir / "config.json")
   template = _template(config_lib.from_dict(raw))
   restored = [checkpoint.restore(_checkpoint_of(run_dir, s), template) for s in _steps(step)]
   state, meta = restored[-1]

@@ -118,12 +118,7 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
   if resume:
     if not cfg_path.exists():
       raise RunError(f"--resume: {out} has no config.json; there is no run to resume there")
-    try:
-      saved = config_lib.load_json(cfg_path)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-      raise RunError(f"--resume: {cfg_path} is damaged ({type(e).__name__}: {e}); it must be the "
-                     "JSON config mplp train wrote (nothing was changed)") from None
-    _check_resume(saved, cfg)
+    _check_resume(config_lib.load_json(cfg_path), cfg)
   elif cfg_path.exists() or checkpoint.latest(ckpt_dir) or (out / "metrics.jsonl").exists():
     raise RunError(f"{out} already holds a run; pass --resume to continue it, or choose "
                    f"another --out (nothing was changed)")
