@@ -36,7 +36,7 @@ def _f(default, *, choices=None, lo=None, hi=None, lo_open=False, doc=""):
                                                           lo_open=lo_open, doc=doc))
 
 
-TASKS = ("sinusoid", "digits", "npz") + datasets.TFDS_IMAGE_SETS
+TASKS = ("sinusoid", "digits", "mnist5k", "npz") + datasets.TFDS_IMAGE_SETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +55,11 @@ class TaskConfig:
   inner_steps: int = _f(5, lo=1)
   batch_size: int = _f(10, lo=1)
   eval_size: int = _f(100, lo=1, doc="held-out examples per task")
-  image_size: int = _f(12, lo=4, hi=28, doc="mnist/fashion_mnist: resize to this (28 = original)")
+  image_size: int = _f(12, lo=4, hi=28, doc="mnist5k/mnist/fashion_mnist: resize to this (28 = original)")
   permute_classes: bool = _f(False)
   path: str = _f("", doc="npz: the file")
   data_dir: str = _f("", doc="mnist/fashion_mnist: prepared tfds directory")
-  split_seed: int = _f(0, lo=0, hi=2 ** 32 - 1, doc="digits/npz: train/test split (numpy's seed range)")
+  split_seed: int = _f(0, lo=0, hi=2 ** 32 - 1, doc="digits/mnist5k/npz: train/test split (numpy's seed range)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +287,8 @@ def build_task(c: Config):
     return Sinusoid()
   if t.name == "digits":
     data = datasets.digits(seed=t.split_seed)
+  elif t.name == "mnist5k":
+    data = datasets.mnist5k(seed=t.split_seed, image_size=t.image_size)
   elif t.name == "npz":
     data = datasets.npz(t.path, seed=t.split_seed)
   else:

