@@ -111,18 +111,23 @@ def tfds_images(name: str, data_dir: str | None = None, image_size: int = 12) ->
     raise DataError(f"task.name: {name!r} is not a tfds image set; allowed: {list(TFDS_IMAGE_SETS)}")
   import tensorflow_datasets as tfds
   data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
-  builder = tfds.builder(name, data_dir=data_dir)
-  try:
+  try:  # a damaged dataset folder fails in the builder already (protobuf's ParseError)
+    builder = tfds.builder(name, data_dir=data_dir)
+    where = builder.data_dir
     sources = builder.as_data_source(split=["train", "test"])
     if any(len(s) == 0 for s in sources):
       raise FileNotFoundError("empty split")
   except Exception as e:  # tfds raises several types for "not there / wrong format"
+    where = locals().get("where") or os.path.join(data_dir, name)
+    found = os.path.isdir(os.path.join(data_dir, name)) and os.listdir(os.path.join(data_dir, name))
+    damaged = " (a folder is there, but damaged or incomplete)" if found else ""
     raise DataUnavailableError(
-        f"{name} is not prepared in {builder.data_dir} (array_record format), and mplp "
+        f"{name} is not prepared in {where} (array_record format){damaged}, and mplp "
         f"never downloads. On a machine with internet run\n"
         f"    tfds build {name} --data_dir DIR --file_format array_record\n"
         f"then copy DIR here and pass `--set task.data_dir=DIR` (or set TFDS_DATA_DIR). "
-        f"Offline, use task.name = 'digits' (bundled) or 'npz'. (tfds: {type(e).__name__})") from None
+        f"Offline, use task.name = 'mnist5k' (5,000 real MNIST digits: pip install -e '.[mnist5k]'), "
+        f"'digits' (bundled) or 'npz'. (tfds: {type(e).__name__})") from None
   arrays = []
   for source in sources:
     n = len(source)

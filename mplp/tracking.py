@@ -35,13 +35,24 @@ class MetricsLog:
     self.path = Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self._file = open(self.path, "a")
+    self._failed = False
 
   def write(self, step: int, metrics: Dict[str, Any]):
-    self._file.write(json.dumps({"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}) + "\n")
-    self._file.flush()
+    try:
+      self._file.write(json.dumps({"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}) + "\n")
+      self._file.flush()
+    except OSError:  # a full disk: what reached the file is at most a cut last line
+      self._failed = True
+      raise
 
   def close(self):
-    self._file.close()
+    """Close the file; after a failed write the unwritten rest of the buffer is dropped
+    (closing would retry it and raise again)."""
+    try:
+      self._file.close()
+    except OSError:
+      if not self._failed:
+        raise
 
   @staticmethod
   def _steps(path):
@@ -75,8 +86,12 @@ class MetricsLog:
       return
     kept = [line for s, line in MetricsLog._steps(path) if s <= step] if step > 0 else []
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(l + "\n" for l in kept))
-    os.replace(tmp, path)
+    try:
+      tmp.write_text("".join(l + "\n" for l in kept))
+      os.replace(tmp, path)
+    except BaseException:  # a full disk: the original stays as it was
+      tmp.unlink(missing_ok=True)
+      raise
 
 
 def _has_api_key() -> bool:

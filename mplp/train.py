@@ -14,9 +14,11 @@ metrics equal an uninterrupted run's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -36,8 +38,39 @@ class RunError(RuntimeError):
 
 def _write_atomic(path: Path, text: str):
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(text)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+def _megabytes(n: float) -> str:
+  return f"{n / 1e6:.2f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
+@contextlib.contextmanager
+def _writing(what: str, path: Path, needed: int, ckpt_dir: Path):
+  """A failed write (a full disk, a quota, a vanished mount) becomes one RunError line:
+  what could not be written where, the space it needed and had, and the checkpoint that
+  is intact (the writers leave no partial file: checkpoint.write and _write_atomic
+  delete their .tmp; a cut metrics line is dropped on --resume)."""
+  try:
+    yield
+  except OSError as e:
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+      where = where.parent
+    try:
+      free = f"{_megabytes(shutil.disk_usage(where).free)} free there"
+    except OSError:
+      free = "free space unknown"
+    good = checkpoint.latest(ckpt_dir)
+    then = (f"the last good checkpoint, {good}, is intact: free space, then rerun with --resume to "
+            "continue exactly" if good else "no checkpoint was written yet (--resume starts the run over)")
+    raise RunError(f"could not write {what} {path} ({e.strerror or e}; it needs about "
+                   f"{_megabytes(needed)}, {free}); {then}") from None
 
 
 def _lock_holder(path: Path) -> str:
@@ -151,14 +184,20 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.remove_partial(ckpt_dir)  # a write cut by a kill
     if not resume:
-      _write_atomic(cfg_path, json.dumps(cfg.to_dict(), indent=2) + "\n")
+      text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+      with _writing("the config", cfg_path, len(text), ckpt_dir):
+        _write_atomic(cfg_path, text)
+  metrics_path = out / "metrics.jsonl"
+  metrics_size = metrics_path.stat().st_size if metrics_path.exists() else 0
   if latest is not None:
     state, meta = checkpoint.restore(latest, state)
     if writer:
-      MetricsLog.truncate_after(out / "metrics.jsonl", meta["step"])
+      with _writing("the metrics", metrics_path, metrics_size, ckpt_dir):
+        MetricsLog.truncate_after(metrics_path, meta["step"])
     log(f"resumed from {latest} (step {meta['step']})")
   elif resume and writer:  # killed before its first checkpoint: start over
-    MetricsLog.truncate_after(out / "metrics.jsonl", 0)
+    with _writing("the metrics", metrics_path, metrics_size, ckpt_dir):
+      MetricsLog.truncate_after(metrics_path, 0)
     log(f"no checkpoint in {ckpt_dir} yet; starting {out} from step 0")
   state = distributed.replicate(state, trainer.mesh)
   start = int(distributed.to_host(state.step))
@@ -169,11 +208,13 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
     run_id = id_path.read_text().strip() if id_path.exists() else None
     if run_id is None and wandb_mode != "disabled":
       run_id = uuid.uuid4().hex[:8]
-      _write_atomic(id_path, run_id + "\n")
+      with _writing("the W&B run id", id_path, 9, ckpt_dir):
+        _write_atomic(id_path, run_id + "\n")
     wb = start_wandb(wandb_mode, out, cfg.to_dict(), cfg.run.wandb_project, run_id)
 
   step_fn = jit_with_task(trainer.step, task)
-  metrics_log = MetricsLog(out / "metrics.jsonl") if writer else None
+  metrics_log = MetricsLog(metrics_path) if writer else None
+  state_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(state))
   last = {}
   bar = None
   if progress and writer:
@@ -189,7 +230,8 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
         last = {k: float(v) for k, v in distributed.to_host(metrics).items()}
         last["wall_s"] = time.perf_counter() - t0
         if metrics_log is not None:
-          metrics_log.write(done, last)
+          with _writing("the metrics", metrics_path, 1000, ckpt_dir):
+            metrics_log.write(done, last)
         if wb is not None:
           wb.log(last, step=done)
         if bar is not None:
@@ -204,9 +246,10 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
             f"{cfg.meta.max_bad_steps}). Last good checkpoint: {good or 'none yet'}. Try a lower "
             f"meta.learning_rate or meta.clip_global_norm.")
       if (done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps) and not bad and writer:
-        checkpoint.save(ckpt_dir, done, distributed.to_host(state), {"config": cfg.to_dict(), "seed": cfg.run.seed,
-                                                "rng": distributed.to_host(state.rng).tolist()},
-                        keep=cfg.run.keep_checkpoints)
+        with _writing("the checkpoint", checkpoint.path_for(ckpt_dir, done), state_bytes, ckpt_dir):
+          checkpoint.save(ckpt_dir, done, distributed.to_host(state),
+                          {"config": cfg.to_dict(), "seed": cfg.run.seed,
+                           "rng": distributed.to_host(state.rng).tolist()}, keep=cfg.run.keep_checkpoints)
   except KeyboardInterrupt:
     if wb is not None:
       wb.finish(exit_code=130)  # the W&B run keeps what was logged
@@ -224,7 +267,9 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
     eval_trainer = dataclasses.replace(trainer, pool_size=0, mesh=None)
     final = evaluation.compare(eval_trainer, distributed.to_host(state), distributed.to_host(eval_task),
                                jax.random.PRNGKey(10_000 + cfg.run.seed), cfg.run.eval_tasks, cfg.run.tune_tasks)
-    _write_atomic(out / "final_eval.json", report.finite_json(final))
+    text = report.finite_json(final)
+    with _writing("the final evaluation", out / "final_eval.json", len(text), ckpt_dir):
+      _write_atomic(out / "final_eval.json", text)
     log(format_comparison(final, task.kind))
     if wb is not None:
       wb.summary.update({f"final/{m}/{k}": v["mean"][-1] for m, r in final["methods"].items()

@@ -106,6 +106,26 @@ def test_unprepared_mnist_fails_at_once_with_instructions(tmp_path):
   assert time.perf_counter() - t < 10
 
 
+def test_a_damaged_tfds_folder_is_named_not_a_protobuf_traceback(tmp_path, monkeypatch, capsys):
+  """A TFDS_DATA_DIR whose mnist folder holds garbage metadata: tfds' builder raised
+  protobuf's ParseError; now the "not prepared" line says the folder is damaged, and the
+  folder is left as it was."""
+  from mplp.cli import main
+  folder = tmp_path / "mnist" / "3.0.1"
+  folder.mkdir(parents=True)
+  (folder / "dataset_info.json").write_text("garbage{")
+  (folder / "features.json").write_text("x")
+  with pytest.raises(datasets.DataUnavailableError,
+                     match=r"(?s)mnist is not prepared in .*\(a folder is there, but damaged or incomplete\).*ParseError"):
+    datasets.tfds_images("mnist", str(tmp_path))
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  assert main(["eval", "--pretrained", "digits_20x8", "--set", "task.name=mnist", "--out", str(tmp_path / "e")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("mplp: error: mnist is not prepared in ") and "Traceback" not in err
+  assert "damaged or incomplete" in err and "task.name = 'mnist5k'" in err
+  assert (folder / "dataset_info.json").read_text() == "garbage{" and not (tmp_path / "e").exists()
+
+
 def _npz(tmp_path, **arrays):
   path = tmp_path / "data.npz"
   np.savez(path, **arrays)

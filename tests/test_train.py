@@ -293,6 +293,71 @@ def test_a_failed_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch)
   assert list(tmp_path.iterdir()) == []
 
 
+def _small_filesystem(path) -> bool:
+  """Mount a 4 MB tmpfs at `path` (an empty directory); False where this machine does not
+  allow it (not root, no mount, a container without the capability)."""
+  import shutil
+  path.mkdir()
+  if os.geteuid() != 0 or shutil.which("mount") is None:
+    return False
+  return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)],
+                        capture_output=True).returncode == 0
+
+
+def _fill(disk, leave: int):
+  """Fill the filesystem of `disk` up to `leave` bytes free (4 KB pages)."""
+  import shutil
+  with open(disk / "filler", "wb") as f:
+    f.write(b"\0" * max(0, shutil.disk_usage(disk).free - leave))
+
+
+@pytest.mark.parametrize("how", ["tmpfs", "injected"])
+def test_a_full_disk_ends_in_one_line_and_resume_continues_exactly(tmp_path, capsys, monkeypatch,
+                                                                    finished_run, how):
+  """Out of space while rewriting the metrics on --resume and while writing a checkpoint
+  (a real 4 MB tmpfs where the machine lets the test mount one; an injected ENOSPC in
+  the checkpoint writer everywhere): one line naming the file, the space and the intact
+  checkpoint; no temporary file left; the checkpoint byte-identical; and after freeing
+  space, --resume ends with the metrics of an uninterrupted run (`finished_run`)."""
+  disk = tmp_path / "disk"
+  if how == "tmpfs" and not _small_filesystem(disk):
+    pytest.skip("this machine does not let the test mount a tmpfs")
+  disk.mkdir(exist_ok=True)
+  out = disk / "run"
+  try:
+    train(config_lib.load("maml_sinusoid_2x10", TINY + ["run.steps=2", "run.checkpoint_every=2"]), out,
+          progress=False)
+    good = out / "checkpoints" / "ckpt_00000002.npz"
+    kept = good.read_bytes()
+    if how == "tmpfs":
+      _fill(disk, 0)
+      msg = _run_error(capsys, _resume_argv(out, 4))
+      assert f"could not write the metrics {out / 'metrics.jsonl'} (No space left on device" in msg, msg
+      _fill(disk, 64 * 1024)  # room for metrics lines, not for a checkpoint
+    else:
+      def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+      monkeypatch.setattr(checkpoint.np, "savez", full_disk)
+    msg = _run_error(capsys, _resume_argv(out, 4))
+    assert (f"could not write the checkpoint {out / 'checkpoints' / 'ckpt_00000004.npz'} (No space left "
+            "on device; it needs about ") in msg, msg
+    assert f"the last good checkpoint, {good}, is intact: free space, then rerun with --resume" in msg
+    assert good.read_bytes() == kept and checkpoint.read(good)
+    assert not list(out.rglob("*.tmp")) and checkpoint.latest(out / "checkpoints") == good
+    monkeypatch.undo()
+    (disk / "filler").unlink(missing_ok=True)
+    assert main(_resume_argv(out, 4)) == 0
+    a, b = _metrics(finished_run[0] / "metrics.jsonl"), _metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4]
+    for ma, mb in zip(a, b):
+      for key in ma:
+        if key != "wall_s":
+          np.testing.assert_allclose(mb[key], ma[key], rtol=1e-6, atol=1e-7, err_msg=f"{key} at {ma['step']}")
+  finally:
+    if how == "tmpfs":
+      subprocess.run(["umount", str(disk)], capture_output=True)
+
+
 def test_damaged_files_and_unwritable_outputs_get_one_line_errors(tmp_path, capsys, finished_run):
   """A truncated config.json (resume, eval), a malformed eval.json (transfer) and an --out
   that cannot be written are refused before any work, with one line naming the file."""
