@@ -249,10 +249,31 @@ def _transfer(a) -> int:
   return 0
 
 
+class Terminated(KeyboardInterrupt):
+  """SIGTERM (`kill PID`, a scheduler's stop, a container's shutdown), handled as Ctrl-C
+  is: the checkpoint being written is abandoned (its .tmp deleted), the last one stays."""
+
+
+def _on_sigterm(signum, frame):
+  raise Terminated()
+
+
 def main(argv=None) -> int:
-  from mplp.train import RunError
+  import signal
+  import threading
   a = _parser().parse_args(argv)
   warnings.formatwarning = lambda msg, cat, *args, **kw: f"mplp: warning: {msg}\n"
+  on_main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
+  try:
+    return _main(a)
+  finally:
+    if on_main_thread:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def _main(a) -> int:
+  from mplp.train import RunError
   try:
     if a.command == "train":
       return _train(a)
@@ -265,18 +286,19 @@ def main(argv=None) -> int:
   except USER_ERRORS + (RunError,) as e:
     print(f"mplp: error: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
-    _interrupted(a)
+  except KeyboardInterrupt as e:
+    _interrupted(a, terminated=isinstance(e, Terminated))
   return 1
 
 
-def _interrupted(a):
-  """Ctrl-C / SIGINT: say what is left, then leave at once with 130. The interpreter's own
-  shutdown is skipped: with XLA still compiling in its threads it crashed (exit 139)."""
+def _interrupted(a, terminated: bool = False):
+  """Ctrl-C / SIGINT (exit 130) or SIGTERM (exit 143): say what is left, then leave at
+  once. The interpreter's own shutdown is skipped: with XLA still compiling in its
+  threads it crashed (exit 139)."""
   import os
   from pathlib import Path
   from mplp import checkpoint
-  msg = "mplp: interrupted"
+  msg = "mplp: terminated (SIGTERM)" if terminated else "mplp: interrupted"
   run_dir = getattr(a, "run_dir", None)
   if a.command == "train" and run_dir is not None:
     last = checkpoint.latest(Path(run_dir) / "checkpoints")
@@ -285,7 +307,7 @@ def _interrupted(a):
   print(msg, file=sys.stderr)
   sys.stdout.flush()
   sys.stderr.flush()
-  os._exit(130)
+  os._exit(143 if terminated else 130)
 
 
 if __name__ == "__main__":

@@ -56,31 +56,51 @@ def _cli(out, *args):
   return cmd
 
 
-def test_kill_and_resume_equals_uninterrupted_run(tmp_path, capsys):
-  killed = tmp_path / "killed"
-  proc = subprocess.Popen(_cli(killed, "--steps", "100000", "--set", "run.checkpoint_every=4"),
+def _run_until_checkpoint(out, step, *args):
+  """A `mplp train` subprocess on `out` (going on for ever) once it has checkpointed `step`."""
+  proc = subprocess.Popen(_cli(out, "--steps", "100000", "--set", "run.checkpoint_every=4", *args),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    found = checkpoint.list_checkpoints(out / "checkpoints")
+    if found and checkpoint.step_of(found[-1]) >= step:
+      return proc
+    if proc.poll() is not None:
+      pytest.fail(proc.stderr.read().decode())
+    time.sleep(0.05)
+  proc.kill()
+  pytest.fail(f"no checkpoint {step} in {out} within 240 s")
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path, capsys):
+  """SIGTERM (exit 143, the last checkpoint named), then a resumed run killed with
+  SIGKILL (its lock does not outlive it), then a resume to the end: the metrics equal an
+  uninterrupted run's. A second writer is refused while one runs."""
+  killed = tmp_path / "killed"
+  proc = _run_until_checkpoint(killed, 8)
   try:
-    deadline = time.time() + 240
-    while time.time() < deadline:
-      found = checkpoint.list_checkpoints(killed / "checkpoints")
-      if found and int(found[-1].stem.split("_")[1]) >= 8:
-        break
-      assert proc.poll() is None, proc.stderr.read().decode()
-      time.sleep(0.05)
     # a second writer on the same directory is refused at once, naming the first
     code = main(["train", "maml_sinusoid_2x10", "--out", str(killed), "--resume", "--no-progress",
                  *sum((["--set", s] for s in TINY), [])])
     assert code == 2
-    proc.send_signal(signal.SIGKILL)  # and the lock it held does not outlive it (the resume below)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1].decode()
   finally:
-    proc.wait()
+    proc.kill()
+  assert proc.returncode == 143, (proc.returncode, err)
+  last = checkpoint.latest(killed / "checkpoints")
+  assert err.strip().splitlines()[-1] == f"mplp: terminated (SIGTERM); {last} is intact: continue with --resume"
+  assert checkpoint.read(last) and not list(killed.rglob("*.tmp"))
+  first = proc.pid
+  proc = _run_until_checkpoint(killed, checkpoint.step_of(last) + 4, "--resume")
+  proc.send_signal(signal.SIGKILL)  # the lock it held does not outlive it (the resume below)
+  proc.wait()
   last = checkpoint.latest(killed / "checkpoints")
   k = int(last.stem.split("_")[1])
   total = k + 6
   assert max(m["step"] for m in _metrics(killed / "metrics.jsonl")) >= k
   err = capsys.readouterr().err
-  assert f"{killed} is being written by another mplp train (pid {proc.pid})" in err, err
+  assert f"{killed} is being written by another mplp train (pid {first})" in err, err
   res = subprocess.run(_cli(killed, "--steps", str(total), "--resume", "--set", "run.checkpoint_every=4"),
                        capture_output=True, text=True)
   assert res.returncode == 0, res.stderr
