@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--num-processes", type=int, help="multi-process run: number of processes")
   t.add_argument("--process-id", type=int, help="multi-process run: this process's index")
   t.add_argument("--no-progress", action="store_true", help="no progress bar")
+  t.add_argument("--force", action="store_true",
+                 help="start even where the memory estimate exceeds what this machine has available")
 
   e = sub.add_parser("eval", help="evaluate a rule against tuned SGD and Adam",
                      description="The paper's protocol: N fresh tasks and inner networks, the same "
@@ -124,7 +126,7 @@ def _train(a) -> int:
   cfg = config_lib.load(a.experiment, overrides)
   out = a.out or f"runs/{Path(a.experiment).stem}-seed{cfg.run.seed}"
   a.run_dir = out  # for the message after an interrupt
-  train(cfg, out, resume=a.resume, wandb_mode=a.wandb, progress=not a.no_progress)
+  train(cfg, out, resume=a.resume, wandb_mode=a.wandb, progress=not a.no_progress, force=a.force)
   print(f"outputs in {out}")
   return 0
 

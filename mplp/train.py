@@ -27,7 +27,7 @@ from typing import Optional
 
 import jax
 
-from mplp import checkpoint, config as config_lib, distributed, evaluation, report
+from mplp import checkpoint, config as config_lib, distributed, evaluation, memory, report
 from mplp.tasks import Sinusoid, jit_with_task
 from mplp.tracking import MetricsLog, start_wandb
 
@@ -120,13 +120,14 @@ def _check_resume(saved: config_lib.Config, new: config_lib.Config):
 
 
 def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: str = "disabled",
-          task=None, progress: bool = True, log=print) -> dict:
+          task=None, progress: bool = True, log=print, force: bool = False) -> dict:
   """Meta-train as `cfg` says, writing to `out_dir`.
 
   Args:
     task: use this task object instead of the one the config names (Python API: a
       user's own `Task`).
     log: where human-readable lines go.
+    force: skip the memory check (`mplp.memory`) made before anything compiles.
   Returns:
     {"state": final TrainState, "final_eval": dict or None, "metrics": last logged}.
   """
@@ -136,7 +137,7 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
   created = not out.exists()
   lock = _lock(out) if distributed.is_writer() else None
   try:
-    return _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log)
+    return _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log, force)
   except BaseException:
     if created and lock is not None and [p.name for p in out.iterdir()] == [".lock"]:
       (out / ".lock").unlink()  # refused before writing anything: leave no directory behind
@@ -147,7 +148,7 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
       lock.close()
 
 
-def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log) -> dict:
+def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log, force) -> dict:
   if resume:
     if not cfg_path.exists():
       raise RunError(f"--resume: {out} has no config.json; there is no run to resume there")
@@ -169,6 +170,7 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
 
   task = task if task is not None else config_lib.build_task(cfg)
   network = config_lib.build_network(cfg, task)
+  memory.check(cfg, network, force)  # before anything compiles or is written
   trainer = config_lib.build_trainer(cfg, network)
 
   t0 = time.perf_counter()

@@ -413,6 +413,39 @@ def test_damaged_files_and_unwritable_outputs_get_one_line_errors(tmp_path, caps
   assert a_file.read_text() == "keep me"
 
 
+def test_memory_estimate_is_a_lower_bound_of_xla_and_refuses_what_cannot_fit(tmp_path, capsys):
+  """`mplp.memory`'s estimate for the digits meta-step is below what XLA's compiled
+  program holds (arguments, temporaries, outputs) but of its size (unroll-dominated:
+  within 2x); sizes a million times too large are refused before anything compiles or is
+  written, naming the key; --force gets past the check."""
+  from mplp import memory
+  cfg = config_lib.load("digits_20x8", ["meta.pool_size=2"])
+  task = config_lib.build_task(cfg)
+  net = config_lib.build_network(cfg, task)
+  trainer = config_lib.build_trainer(cfg, net)
+  total, parts = memory.check(cfg, net)
+  state = jax.eval_shape(lambda k: trainer.init(k, task), jax.random.PRNGKey(0))
+  xla = jax.jit(trainer.step).lower(state, task).compile().memory_analysis()
+  held = xla.argument_size_in_bytes + xla.temp_size_in_bytes + xla.output_size_in_bytes
+  assert held / 2 < total < held, (total, held, parts)
+  state_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(net.init(jax.random.PRNGKey(0), 8)))
+  assert memory.inner_state_bytes(net, 8)[0] == state_bytes
+  for key, value in (("task.eval_size", 10 ** 9), ("network.hidden", "[1000000]"), ("task.batch_size", 10 ** 6)):
+    t = time.perf_counter()
+    out = tmp_path / key
+    msg = _run_error(capsys, ["train", "digits_20x8", "--out", str(out), "--set", f"{key}={value}"])
+    assert "this configuration needs at least " in msg and "more than the " in msg, msg
+    assert f"{key} {value if key != 'network.hidden' else [10 ** 6]}" in msg and "pass --force" in msg, msg
+    assert time.perf_counter() - t < 15 and not out.exists()
+  big = config_lib.load("digits_20x8", ["task.eval_size=1000000000"])
+  with pytest.raises(memory.TooLarge, match="task.eval_size 1000000000 held-out examples"):
+    memory.check(big, net)
+  assert memory.check(big, net, force=True)[0] > 10 ** 12
+  assert memory.check(cfg, net, available=total - 1, force=True)[0] == total
+  with pytest.raises(memory.TooLarge, match=r"the largest part is .* for meta.outer_batch 1 x 20 saved inner steps"):
+    memory.check(cfg, net, available=total - 1)
+
+
 def test_wandb_online_against_a_server_that_is_not_wandb_falls_back_offline(tmp_path, monkeypatch):
   """A reachable TCP listener that is not W&B (it answers 404): mplp train used to stop
   with "run ID ... is in use" when retrying offline; it now logs offline with the same id."""
