@@ -73,10 +73,11 @@ def _parser() -> argparse.ArgumentParser:
 def _source_args(p, tasks: int):
   """Where the rule comes from, and the options `eval` and `analyze` share."""
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("run_dir", nargs="?", help="a `mplp train` output directory (its newest checkpoint, or --step)")
+  src.add_argument("run_dir", nargs="?", help="a `mplp train` output directory (its newest checkpoint, or "
+                   "--step), a rule file PATH.npz, or a W&B model artifact wandb:ENTITY/PROJECT/NAME:ALIAS")
   p.add_argument("--step", type=int, nargs="+", help="with RUN_DIR: its checkpoint of this meta-step instead of "
                  "the newest; several steps: the average of their rules and statistics")
-  src.add_argument("--pretrained", metavar="NAME", help="a rule shipped with mplp")
+  src.add_argument("--pretrained", metavar="NAME", help="a rule shipped with mplp (or PATH.npz, or wandb:...)")
   src.add_argument("--reference", metavar="PATH.npy", help="the authors' published flat weights")
   p.add_argument("--experiment", help="with --reference: sinusoid_5x10, maml_sinusoid_2x10 or mnist_20x8")
   p.add_argument("--reference-prior", metavar="PATH.npy", help="with --reference: the MAML experiment's learned init")
@@ -86,11 +87,14 @@ def _source_args(p, tasks: int):
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="transfer: change the network or task, e.g. --set network.activation=step")
   p.add_argument("--wandb", default="disabled", choices=WANDB_MODES)
+  p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off when stderr is not a terminal)")
 
 
 def _load_source(a):
-  """(config, trainer, rule, task, name) from a run directory, a shipped rule or the
-  authors' weights."""
+  """(config, trainer, rule, task, name) from a run directory, a shipped rule, a rule file,
+  a W&B model artifact (`wandb:ENTITY/PROJECT/NAME:ALIAS`, given as --pretrained or in
+  place of RUN_DIR) or the authors' weights."""
+  import re
   from pathlib import Path
   from mplp import rules
   if a.reference:
@@ -100,8 +104,13 @@ def _load_source(a):
             f"reference-{a.experiment}")
   if a.step is not None and not a.run_dir:
     raise ConfigError("--step picks a checkpoint of RUN_DIR; it does not apply to --pretrained or --reference")
+  if a.run_dir and (a.run_dir.startswith("wandb:") or Path(a.run_dir).is_file() or a.run_dir.endswith(".npz")):
+    if a.step is not None:
+      raise ConfigError("--step picks a checkpoint of RUN_DIR; a rule file or W&B artifact holds one rule")
+    a.pretrained, a.run_dir = a.run_dir, None
   if a.pretrained:
-    return (*rules.from_pretrained(a.pretrained, a.overrides), f"pretrained-{a.pretrained}")
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(a.pretrained).stem).strip("-")
+    return (*rules.from_pretrained(a.pretrained, a.overrides), f"pretrained-{label}")
   name = Path(a.run_dir).name + ("" if a.step is None else "-step" + "+".join(map(str, sorted(set(a.step)))))
   return (*rules.from_run(a.run_dir, a.overrides, a.step), name)
 
@@ -155,7 +164,7 @@ def _writable_dir(path: str) -> str:
 def _eval(a) -> int:
   import dataclasses
   import jax
-  from mplp import evaluation, report
+  from mplp import evaluation, progress, report
   from mplp.tasks import Sinusoid
   if a.tasks < 2 or a.tune_tasks < 1:
     raise ConfigError(f"--tasks must be >= 2 and --tune-tasks >= 1, got {a.tasks} and {a.tune_tasks}")
@@ -174,7 +183,11 @@ def _eval(a) -> int:
   if isinstance(task, Sinusoid):
     task = dataclasses.replace(task, eval_grid=True)
   key = jax.random.PRNGKey(a.seed)
-  result = evaluation.compare(trainer, rule, task, key, a.tasks, a.tune_tasks, a.optimizers, others)
+  with progress.Phases(evaluation.phase_count(a.optimizers, others), "mplp eval",
+                       not a.no_progress) as phases:
+    result = evaluation.compare(trainer, rule, task, key, a.tasks, a.tune_tasks, a.optimizers, others,
+                                on_phase=phases.start)
+    phases.close()
   fits = None
   if isinstance(task, Sinusoid):
     keys = jax.random.split(jax.random.split(key)[0], a.tasks)[:3]  # the first evaluation tasks
@@ -184,11 +197,15 @@ def _eval(a) -> int:
   out = report.write(result, out_dir, task.kind, cfg.to_dict(), fits)
   print((out / "eval.md").read_text())
   if a.wandb != "disabled":
-    from mplp.tracking import start_wandb
-    run = start_wandb(a.wandb, out, {**cfg.to_dict(), "eval": vars(a)}, cfg.run.wandb_project)
+    from mplp import tracking
+    run = tracking.start_wandb(a.wandb, out, {**cfg.to_dict(), "eval": vars(a)}, cfg.run.wandb_project)
     metric = report.primary_metric(task.kind)
     for t in range(trainer.inner_steps + 1):
       run.log({f"{m}/{metric}": r[metric]["mean"][t] for m, r in result["methods"].items()}, step=t)
+    run.log({"curves_table": tracking.curves_table(result["methods"])}, step=trainer.inner_steps)
+    tracking.log_images(run, [out / "curves.png", out / "fits.png"], step=trainer.inner_steps)
+    run.summary.update({f"learning_rate/{k}": v for k, v in result["learning_rates"].items()})
+    run.summary.update({f"final/{m}/{metric}": r[metric]["mean"][-1] for m, r in result["methods"].items()})
     run.finish()
   print(f"outputs in {out}")
   return 0
@@ -214,7 +231,7 @@ def _against(source, cfg, overrides):
 
 def _analyze(a) -> int:
   import jax
-  from mplp import analysis, report
+  from mplp import analysis, progress, report
   from mplp.tasks import jit_with_task
   if a.tasks < 1:
     raise ConfigError(f"--tasks must be >= 1, got {a.tasks}")
@@ -223,16 +240,21 @@ def _analyze(a) -> int:
   out_dir = _writable_dir(a.out or f"runs/analyze-{name}-seed{a.seed}")
   keys = jax.random.split(jax.random.PRNGKey(a.seed), a.tasks)
   fn = lambda tr, st, k, task: analysis.alignment(trainer, tr, st, task, k)
-  curves = jit_with_task(fn, task)(rule.trainable, rule.stats, keys)
+  with progress.Phases(1, "mplp analyze", not a.no_progress) as phases:
+    phases.start(f"{a.tasks} tasks with their true gradients (one compile)")
+    curves = jit_with_task(fn, task)(rule.trainable, rule.stats, keys)
+    phases.close()
   summary = analysis.summarize(curves, analysis.layer_names(trainer.network))
   out = report.write_analysis(summary, out_dir, a.tasks, cfg.to_dict())
   print((out / "analysis.md").read_text())
   if a.wandb != "disabled":
-    from mplp.tracking import start_wandb
-    run = start_wandb(a.wandb, out, {**cfg.to_dict(), "analyze": vars(a)}, cfg.run.wandb_project)
+    from mplp import tracking
+    run = tracking.start_wandb(a.wandb, out, {**cfg.to_dict(), "analyze": vars(a)}, cfg.run.wandb_project)
     for t in range(trainer.inner_steps):
       run.log({f"{layer}/{m}": v["mean"][t] for layer, per in summary.items() for m, v in per.items()
                if v["mean"][t] is not None}, step=t)
+    run.log({"alignment_table": tracking.curves_table(summary, first="layer")}, step=trainer.inner_steps - 1)
+    tracking.log_images(run, [out / "alignment.png"], step=trainer.inner_steps - 1)
     run.finish()
   print(f"outputs in {out}")
   return 0

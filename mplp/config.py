@@ -99,6 +99,8 @@ class RunConfig:
   eval_tasks: int = _f(100, lo=0, doc="final comparison with SGD and Adam (0: skip)")
   tune_tasks: int = _f(20, lo=1, doc="tasks for tuning the SGD/Adam learning rates")
   wandb_project: str = _f("mplp")
+  wandb_checkpoints: bool = _f(False, doc="--wandb: log the rule as a model-artifact version at every "
+                                          "checkpoint (else once, at the end)")
   devices: int = _f(0, lo=0, doc="devices to split the outer batch over (0: all that divide it)")
 
 

@@ -114,13 +114,20 @@ def summarize(curve) -> Dict[str, list]:
   return {"mean": c.mean(0).tolist(), "sd": sd.tolist(), "ci95": (1.96 * sd / np.sqrt(len(c))).tolist()}
 
 
+def phase_count(optimizers: Sequence[str] = ("sgd", "adam"), others: Sequence = ()) -> int:
+  """How many phases `compare` reports to `on_phase`: each rule, then each optimizer."""
+  return 1 + len(others) + len(optimizers)
+
+
 def compare(trainer, state, task, key, n_tasks: int, tune_tasks: int,
-            optimizers: Sequence[str] = ("sgd", "adam"), others: Sequence = ()) -> Dict:
+            optimizers: Sequence[str] = ("sgd", "adam"), others: Sequence = (),
+            on_phase: Callable[[str], None] = lambda what: None) -> Dict:
   """The rule vs tuned optax optimizers (and other trained rules) on `n_tasks` fresh tasks.
 
   `others`: `(name, trainer, state)` of other trained rules for the same task (e.g. plain
   MAML against the MAML-style rule); they run on the same task keys, so they see the
   same tasks and batches (their own learned initialization, if they have one).
+  `on_phase(what)` is called as each of the `phase_count` phases starts (progress).
   Returns {"methods": {name: {metric: summary}}, "learning_rates": {opt: chosen},
   "grids": {opt: grid}, "tasks": n_tasks}.
   """
@@ -130,6 +137,7 @@ def compare(trainer, state, task, key, n_tasks: int, tune_tasks: int,
   tune_keys = jax.random.split(k_tune, tune_tasks)
   methods = {}
   for name, tr, st in (("mplp", trainer, state), *others):
+    on_phase(f"{name} on {n_tasks} tasks")
     curves = jax.jit(lambda keys, tr=tr, st=st: rule_curves(tr, st.trainable, st.stats, st.pool, task, keys))(eval_keys)
     methods[name] = {m: summarize(c) for m, c in curves.items()}
   chosen = {}
@@ -138,6 +146,7 @@ def compare(trainer, state, task, key, n_tasks: int, tune_tasks: int,
     # The tuning grid on the tuning tasks and the chosen rate on the evaluation tasks, both
     # as one flat batch of (learning rate, task) padded to one length: one compile.
     grid = grids[name]
+    on_phase(f"{name}: {len(grid)} learning rates x {tune_tasks} tuning tasks, then {n_tasks} tasks")
     run = _paired_runner(trainer, state.trainable, state.pool, task, optax_optimizer(name))
     length = max(len(grid) * tune_tasks, n_tasks)
     tuned = run(np.repeat(grid, tune_tasks), jnp.tile(tune_keys, (len(grid), 1)), length)

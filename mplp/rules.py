@@ -114,7 +114,7 @@ def from_run(run_dir, overrides: Sequence[str] = (), step=None):
 
 
 def load(source: str, overrides: Sequence[str] = ()):
-  """A run directory or, if `source` is not a directory, a shipped rule name."""
+  """A run directory or, if `source` is not a directory, a rule (`rule_file`)."""
   return from_run(source, overrides) if Path(source).is_dir() else from_pretrained(source, overrides)
 
 
@@ -129,10 +129,26 @@ def save_pretrained(run_dir, name: str, directory=PRETRAINED_DIR, step=None):
                            "source": str(run_dir), **extra})
 
 
-def from_pretrained(name: str, overrides: Sequence[str] = ()):
+def rule_file(name: str) -> Path:
+  """Where the rule `name` is: a shipped name, a rule file (`PATH.npz`, as `mplp train`
+  writes to DIR/rule.npz and to its W&B model artifact), or `wandb:ENTITY/PROJECT/NAME:ALIAS`
+  (downloaded from W&B; refused at once where no server can be reached)."""
+  if name.startswith("wandb:"):
+    from mplp import tracking
+    return tracking.download_rule(name)
+  if Path(name).is_file():
+    return Path(name)
+  if name.endswith(".npz"):
+    raise config_lib.ConfigError(f"--pretrained: no such rule file {name!r}")
   path = PRETRAINED_DIR / f"{name}.npz"
   if not path.exists():
-    raise config_lib.ConfigError(f"--pretrained: unknown rule {name!r}; shipped: {shipped()}")
+    raise config_lib.ConfigError(f"--pretrained: unknown rule {name!r}; shipped: {shipped()}, or a "
+                                 "PATH.npz, or wandb:ENTITY/PROJECT/NAME:ALIAS")
+  return path
+
+
+def from_pretrained(name: str, overrides: Sequence[str] = ()):
+  path = rule_file(name)
   _, meta = checkpoint.read(path)
   raw = meta["config"]
   template = _template(config_lib.from_dict(raw))

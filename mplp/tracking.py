@@ -6,6 +6,12 @@ resumed (the file is rewritten atomically). `start_wandb` opens the real wandb c
 'offline' writes a syncable run under DIR/wandb with no network; 'online' checks for an
 API key and a reachable server first (seconds) and falls back to offline with a warning
 instead of hanging; 'disabled' does nothing.
+
+W&B conventions the jobs follow: a trained rule is a **model artifact** `rule-RUNID`
+(type "model", one file `rule.npz` that `mplp eval --pretrained` reads, the config as
+metadata; aliases `latest`, `best`, `step-N`), read back with `download_rule`
+("wandb:ENTITY/PROJECT/rule-RUNID:ALIAS"); per-step curves are `wandb.Table`s
+(`curves_table`); plots are `wandb.Image`s.
 """
 
 from __future__ import annotations
@@ -145,3 +151,66 @@ def start_wandb(mode: str, out_dir, config: Dict[str, Any], project: str = "mplp
     wandb.teardown()
     kwargs["mode"] = "offline"
     return wandb.init(**kwargs)
+
+
+RULE_FILE = "rule.npz"  # the one file of a rule artifact
+
+
+def log_rule(run, path, config: Dict[str, Any], step: int, aliases, heldout: Optional[float] = None):
+  """Log the rule file `path` as version of this run's model artifact `rule-RUNID`."""
+  import wandb
+  art = wandb.Artifact(f"rule-{run.id}", type="model",
+                       description="An mplp learned rule: `mplp eval --pretrained rule.npz`, or "
+                                   f"`mplp eval wandb:ENTITY/PROJECT/rule-{run.id}:latest`.",
+                       metadata={"config": config, "trained_steps": int(step),
+                                 "heldout": _jsonable(heldout) if heldout is not None else None})
+  art.add_file(str(path), name=RULE_FILE)
+  run.log_artifact(art, aliases=list(aliases))
+  return art
+
+
+def curves_table(curves: Dict[str, Dict[str, Dict[str, list]]], first: str = "method"):
+  """A `wandb.Table` of `{name: {metric: {stat: [T + 1]}}}` (eval's methods with mean and
+  ci95, analysis' layers with mean and sd): one row per (name, metric, inner step)."""
+  import wandb
+  stats = list(next(iter(next(iter(curves.values())).values())))
+  rows = [[name, metric, t, *(_jsonable(v[s][t]) if v[s][t] is not None else None for s in stats)]
+          for name, per in curves.items() for metric, v in per.items() for t in range(len(v["mean"]))]
+  return wandb.Table(columns=[first, "metric", "step", *stats], data=rows)
+
+
+def log_images(run, paths, step: Optional[int] = None):
+  """The PNGs that exist among `paths` as `wandb.Image`s, keyed by file stem."""
+  import wandb
+  images = {Path(p).stem: wandb.Image(str(p)) for p in paths if Path(p).exists()}
+  if images:
+    run.log(images, step=step)
+
+
+def download_rule(ref: str) -> Path:
+  """The rule file of a W&B model artifact "wandb:ENTITY/PROJECT/NAME[:ALIAS]" (alias
+  default `latest`), downloaded into W&B's artifact cache. Refused at once, with what to
+  do instead, where it cannot be read: offline mode, no API key, no reachable server."""
+  from mplp.config import ConfigError
+  name = ref[len("wandb:"):]
+  if name.count("/") != 2 or not all(name.split("/")):
+    raise ConfigError(f"{ref!r}: a W&B rule is wandb:ENTITY/PROJECT/NAME[:ALIAS], e.g. "
+                      "wandb:me/mplp/rule-1a2b3c4d:latest")
+  name = name if ":" in name.split("/")[-1] else name + ":latest"
+  instead = (f"; download it where W&B is reachable (`wandb artifact get {name}`) and pass its "
+             f"{RULE_FILE} as PATH.npz")
+  if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+    raise ConfigError(f"{ref}: WANDB_MODE is {os.environ['WANDB_MODE']!r}, so W&B artifacts cannot be read{instead}")
+  if not _has_api_key():
+    raise ConfigError(f"{ref}: no W&B API key (set WANDB_API_KEY or run `wandb login`){instead}")
+  if not _reachable():
+    raise ConfigError(f"{ref}: the W&B server is not reachable{instead}")
+  import wandb
+  try:
+    art = wandb.Api(timeout=30).artifact(name, type="model")
+    path = Path(art.download()) / RULE_FILE
+  except Exception as e:  # not found, no access, network trouble
+    raise ConfigError(f"{ref}: W&B could not give this artifact ({type(e).__name__}: {e}){instead}") from None
+  if not path.is_file():
+    raise ConfigError(f"{ref}: the artifact holds no {RULE_FILE}: not an mplp rule")
+  return path

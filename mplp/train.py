@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -27,8 +26,9 @@ from typing import Optional
 
 import jax
 
-from mplp import checkpoint, config as config_lib, distributed, evaluation, memory, report
+from mplp import checkpoint, config as config_lib, distributed, evaluation, memory, progress as progress_lib, report
 from mplp.tasks import Sinusoid, jit_with_task
+from mplp import tracking
 from mplp.tracking import MetricsLog, start_wandb
 
 
@@ -112,7 +112,8 @@ def _lock(out: Path):
 def _check_resume(saved: config_lib.Config, new: config_lib.Config):
   a, b = saved.flat(), new.flat()
   free = {"run.steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints",
-          "run.eval_tasks", "run.tune_tasks", "run.wandb_project", "meta.max_bad_steps"}
+          "run.eval_tasks", "run.tune_tasks", "run.wandb_project", "run.wandb_checkpoints",
+          "meta.max_bad_steps"}
   diff = [f"{k}: {a[k]!r} (saved) vs {b[k]!r}" for k in a if k not in free and a[k] != b[k]]
   if diff:
     raise RunError("--resume: the config differs from the saved run's config.json in "
@@ -175,6 +176,8 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
 
   t0 = time.perf_counter()
   task = distributed.replicate(task, trainer.mesh)
+  if progress:
+    log("sampling the initial networks and measuring the agents' statistics (compiling)...")
   state = distributed.to_host(jit_with_task(trainer.init, task)(jax.random.PRNGKey(cfg.run.seed)))
   if cfg.meta.init_rule and latest is None:  # read (and refuse) before anything is written
     from mplp import rules
@@ -213,6 +216,9 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
       with _writing("the W&B run id", id_path, 9, ckpt_dir):
         _write_atomic(id_path, run_id + "\n")
     wb = start_wandb(wandb_mode, out, cfg.to_dict(), cfg.run.wandb_project, run_id)
+    if wb is not None:  # the run page's summary: the best and the last of each
+      for name, best in (("heldout", "min"), ("heldout_accuracy", "max"), ("meta_loss", "min")):
+        wb.define_metric(name, summary=f"{best},last")
 
   step_fn = jit_with_task(trainer.step, task)
   metrics_log = MetricsLog(metrics_path) if writer else None
@@ -220,17 +226,21 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
   last = {}
   bar = None
   if progress and writer:
-    from tqdm import tqdm
-    bar = tqdm(total=cfg.run.steps, initial=start, desc="meta-train", unit="step",
-               file=sys.stderr, dynamic_ncols=True)
+    bar = progress_lib.bar(cfg.run.steps, "meta-train (compiling)", initial=start, unit="step")
+    if start < cfg.run.steps:
+      log("compiling the meta-step...")
+  versions = RuleVersions(out, cfg, wb)
   try:
     for t in range(start, cfg.run.steps):
       state, metrics = step_fn(state)
+      if bar is not None and t == start:
+        bar.set_description_str("meta-train")
       done = t + 1
       bad = int(distributed.to_host(state.bad_steps))
       if done % cfg.run.log_every == 0 or done == cfg.run.steps or done == 1 or bad:
         last = {k: float(v) for k, v in distributed.to_host(metrics).items()}
         last["wall_s"] = time.perf_counter() - t0
+        versions.observe(last)
         if metrics_log is not None:
           with _writing("the metrics", metrics_path, 1000, ckpt_dir):
             metrics_log.write(done, last)
@@ -252,6 +262,8 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
           checkpoint.save(ckpt_dir, done, distributed.to_host(state),
                           {"config": cfg.to_dict(), "seed": cfg.run.seed,
                            "rng": distributed.to_host(state.rng).tolist()}, keep=cfg.run.keep_checkpoints)
+        if cfg.run.wandb_checkpoints:
+          versions.log(done)
   except KeyboardInterrupt:
     if wb is not None:
       wb.finish(exit_code=130)  # the W&B run keeps what was logged
@@ -277,8 +289,41 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
       wb.summary.update({f"final/{m}/{k}": v["mean"][-1] for m, r in final["methods"].items()
                          for k, v in r.items()})
   if wb is not None:
+    if not cfg.run.wandb_checkpoints or not versions.logged:
+      versions.log(int(distributed.to_host(state.step)))
+    if final is not None:
+      wb.log({"final_eval": tracking.curves_table(final["methods"])}, step=int(distributed.to_host(state.step)))
+      wb.summary.update({f"final/learning_rate/{k}": v for k, v in final["learning_rates"].items()})
     wb.finish()
   return {"state": state, "final_eval": final, "metrics": last}
+
+
+class RuleVersions:
+  """The run's rule as W&B model-artifact versions: `observe` each logged metrics line,
+  `log(step)` exports checkpoint `step` to DIR/rule.npz (the file `mplp eval --pretrained`
+  reads) and logs it with aliases `latest`, `step-N`, and `best` when the mean held-out
+  loss of the lines since the previous version is the lowest so far."""
+
+  def __init__(self, out: Path, cfg, wb):
+    self.out, self.cfg, self.wb = out, cfg, wb
+    self.window, self.best, self.logged = [], float("inf"), 0
+
+  def observe(self, metrics: dict):
+    if "heldout" in metrics:
+      self.window.append(metrics["heldout"])
+
+  def log(self, step: int):
+    if self.wb is None or checkpoint.latest(self.out / "checkpoints") is None:
+      return
+    from mplp import rules
+    path = rules.save_pretrained(self.out, "rule", directory=self.out, step=step)
+    score = sum(self.window) / len(self.window) if self.window else float("inf")
+    aliases = ["latest", f"step-{step}"]
+    if score <= self.best or not self.logged:
+      self.best = min(score, self.best)
+      aliases.append("best")
+    tracking.log_rule(self.wb, path, self.cfg.to_dict(), step, aliases, score if self.window else None)
+    self.window, self.logged = [], self.logged + 1
 
 
 def format_comparison(final: dict, kind: str) -> str:

@@ -197,3 +197,55 @@ def test_step_picks_a_kept_checkpoint_for_eval_and_shipping(tmp_path, capsys):
     assert f"--step: {run} holds no checkpoint of step 7; kept steps: [1, 2]" in err
   err = _error(capsys, ["eval", "--pretrained", "sinusoid_5x10", "--step", "1"])
   assert "--step picks a checkpoint of RUN_DIR" in err
+
+
+def test_eval_logs_plots_table_and_learning_rates_to_wandb(tmp_path):
+  from test_train import _wandb_records, _wandb_run
+  doc, out = _eval(tmp_path, "--pretrained", "sinusoid_5x10", "--tasks", "3", "--tune-tasks", "2",
+                   "--wandb", "offline", "--no-progress")
+  run_dir, run_file = _wandb_run(out)
+  media = run_dir / "files" / "media"
+  assert [p.name.split("_")[0] for p in sorted((media / "images").glob("*.png"))] == ["curves", "fits"]
+  table = json.loads(next((media / "table").glob("curves_table_*.table.json")).read_text())
+  rows = {(r[0], r[1], r[2]): r[3] for r in table["data"]}
+  for method, curve in doc["methods"].items():
+    np.testing.assert_allclose([rows[method, "loss", t] for t in range(6)], curve["mean"], rtol=1e-6)
+  summary = {i.key: json.loads(i.value_json) for r in _wandb_records(run_file, "summary") for i in r.update}
+  assert {k: summary[f"learning_rate/{k}"] for k in doc["learning_rates"]} == doc["learning_rates"]
+
+
+def test_eval_progress_goes_to_a_terminal_never_to_a_redirected_file(tmp_path):
+  """stdout to a file, stderr to a pseudo-terminal: the phases are drawn on the terminal
+  and the file holds the table without a carriage return; with stderr a pipe too, no
+  carriage return anywhere."""
+  import os
+  import pty
+  import subprocess
+  import sys
+  cmd = [sys.executable, "-m", "mplp.cli", "eval", "--pretrained", "sinusoid_5x10", "--tasks", "3",
+         "--tune-tasks", "2", "--optimizers", "sgd"]
+  import fcntl
+  import struct
+  import termios
+  master, slave = pty.openpty()
+  fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a terminal 160 wide
+  with open(tmp_path / "stdout.txt", "w") as f:
+    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "a")], stdout=f, stderr=slave)
+    os.close(slave)
+    terminal = b""
+    while True:
+      try:
+        chunk = os.read(master, 65536)
+      except OSError:  # the child closed the terminal
+        break
+      if not chunk:
+        break
+      terminal += chunk
+    assert proc.wait(timeout=300) == 0
+  os.close(master)
+  text = (tmp_path / "stdout.txt").read_text()
+  assert "\r" not in text and text.startswith("Held-out") and "outputs in" in text
+  assert b"mplp eval: sgd: 6 learning rates x 2 tuning tasks, then 3 tasks" in terminal
+  assert b"\r" in terminal  # a live bar
+  res = subprocess.run(cmd + ["--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0 and "\r" not in res.stdout + res.stderr and "mplp eval:" not in res.stderr

@@ -221,37 +221,91 @@ def test_non_finite_steps_are_skipped_and_stop_the_run(tmp_path, finished_run):
   assert all(m["meta_loss"] is None for m in logged[-3:])
 
 
-def _wandb_history(path):
-  """The history rows of a wandb run file (leveldb-style log of protobuf records)."""
+def _wandb_records(path, kind: str):
+  """The records of one type ("history", "artifact", "metric", "summary") of a wandb run
+  file (a leveldb-style log of protobuf records; wandb 0.31 has no Python reader)."""
   import struct
   from wandb.proto import wandb_internal_pb2 as pb
-  data, pos, buf, rows = Path(path).read_bytes(), 7, b"", []
+  data, pos, buf, out = Path(path).read_bytes(), 7, b"", []
   while pos + 7 <= len(data):
     if 32768 - pos % 32768 < 7:  # block trailer
       pos += 32768 - pos % 32768
       continue
-    _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+    _, n, chunk = struct.unpack("<IHB", data[pos:pos + 7])
     buf, pos = buf + data[pos + 7:pos + 7 + n], pos + 7 + n
-    if kind in (1, 4):  # full or last chunk of a record
+    if chunk in (1, 4):  # full or last chunk of a record
       record = pb.Record()
       record.ParseFromString(buf)
       buf = b""
-      if record.WhichOneof("record_type") == "history":
-        rows.append({(i.key or i.nested_key[0]): json.loads(i.value_json) for i in record.history.item})
-  return rows
+      if record.WhichOneof("record_type") == kind:
+        out.append(getattr(record, kind))
+  return out
 
 
-def test_wandb_offline_run_and_online_fallback(tmp_path, monkeypatch):
-  cfg = config_lib.load("maml_sinusoid_2x10", TINY + ["run.steps=3", "run.eval_tasks=2", "run.tune_tasks=2"])
+def _wandb_history(path):
+  """The history rows of a wandb run file."""
+  return [{(i.key or i.nested_key[0]): json.loads(i.value_json) for i in h.item}
+          for h in _wandb_records(path, "history")]
+
+
+def _wandb_run(out):
+  """The one offline run under DIR/wandb: (its directory, its .wandb file)."""
+  runs = list((Path(out) / "wandb").glob("offline-run-*"))
+  assert len(runs) == 1, runs
+  return runs[0], next(runs[0].glob("run-*.wandb"))
+
+
+def test_wandb_offline_run_and_online_fallback(tmp_path, monkeypatch, capsys):
+  """The offline run holds the metrics, the summary definitions, the final eval as a
+  table, and the rule as a model artifact at each checkpoint (`rule.npz` in its manifest,
+  whose staged file holds the checkpoint's rule and evaluates with `mplp eval`); a
+  `wandb:` reference is refused at once offline; --wandb disabled writes nothing of W&B."""
+  from mplp import rules, tracking
+  monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))  # artifact staging
+  cfg = config_lib.load("maml_sinusoid_2x10", TINY + ["run.steps=3", "run.eval_tasks=2", "run.tune_tasks=2",
+                                                      "run.checkpoint_every=2", "run.wandb_checkpoints=true"])
   result = train(cfg, tmp_path / "off", wandb_mode="offline", progress=False)
-  runs = list((tmp_path / "off" / "wandb").glob("offline-run-*"))
-  assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
-  history = _wandb_history(next(runs[0].glob("run-*.wandb")))
+  run_dir, run_file = _wandb_run(tmp_path / "off")
+  history = _wandb_history(run_file)
   logged = _metrics(tmp_path / "off" / "metrics.jsonl")
   assert [h["_step"] for h in history] == [m["step"] for m in logged] == [1, 2, 3]
   for h, m in zip(history, logged):
     np.testing.assert_allclose(h["meta_loss"], m["meta_loss"], rtol=1e-6)
     np.testing.assert_allclose(h["heldout"], m["heldout"], rtol=1e-6)
+  assert "final_eval" in history[-1]  # the table, logged at the last step
+  table = json.loads(next((run_dir / "files" / "media" / "table").glob("final_eval_*.table.json")).read_text())
+  assert table["columns"] == ["method", "metric", "step", "mean", "sd", "ci95"]
+  mean = {(r[0], r[1], r[2]): r[3] for r in table["data"]}
+  np.testing.assert_allclose(mean["mplp", "loss", 2], result["final_eval"]["methods"]["mplp"]["loss"]["mean"][2])
+  summaries = {m.name: m.summary for m in _wandb_records(run_file, "metric") if m.name}
+  assert summaries["heldout"].min and summaries["heldout"].last and summaries["heldout_accuracy"].max
+  run_id = (tmp_path / "off" / "wandb_run_id").read_text().strip()
+  arts = [a for a in _wandb_records(run_file, "artifact") if a.type == "model"]  # tables are artifacts too
+  assert [(a.name, a.type) for a in arts] == [(f"rule-{run_id}", "model")] * 2
+  assert set(arts[0].aliases) == {"latest", "step-2", "best"}  # the first version is the best so far
+  assert {"latest", "step-3"} <= set(arts[1].aliases) and json.loads(arts[1].metadata)["trained_steps"] == 3
+  assert json.loads(arts[1].metadata)["config"] == cfg.to_dict()
+  (entry,) = arts[1].manifest.contents
+  assert entry.path == "rule.npz"
+  staged = rules.from_pretrained(entry.local_path)[2]
+  last = rules.from_run(tmp_path / "off")[2]  # the run's last checkpoint
+  assert checkpoint.step_of(checkpoint.latest(tmp_path / "off" / "checkpoints")) == 3
+  chex.assert_trees_all_equal((staged.trainable, staged.stats), (last.trainable, last.stats))
+  assert main(["eval", entry.local_path, "--tasks", "2", "--tune-tasks", "1", "--optimizers", "sgd",
+               "--no-progress", "--out", str(tmp_path / "from-artifact")]) == 0
+  assert json.loads((tmp_path / "from-artifact" / "eval.json").read_text())["config"] == cfg.to_dict()
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  t = time.perf_counter()
+  assert main(["eval", f"wandb:me/mplp/rule-{run_id}:best"]) == 2
+  err = capsys.readouterr().err
+  assert f"WANDB_MODE is 'offline', so W&B artifacts cannot be read; download it where W&B is reachable " in err
+  assert f"(`wandb artifact get me/mplp/rule-{run_id}:best`)" in err and time.perf_counter() - t < 10
+  monkeypatch.delenv("WANDB_MODE")
+  with pytest.raises(config_lib.ConfigError, match="a W&B rule is wandb:ENTITY/PROJECT/NAME"):
+    tracking.download_rule("wandb:rule-x")
+  train(cfg, tmp_path / "plain", progress=False)  # --wandb disabled
+  assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == [
+      ".lock", "checkpoints", "config.json", "final_eval.json", "metrics.jsonl"]
   # online without an API key: offline within seconds, with a warning
   monkeypatch.delenv("WANDB_API_KEY", raising=False)
   monkeypatch.setenv("HOME", str(tmp_path))
