@@ -7,7 +7,7 @@
     mplp analyze (RUN_DIR | --pretrained NAME | --reference PATH.npy --experiment NAME) [--tasks N] ...
     mplp transfer EVAL_DIR [EVAL_DIR ...] [--out TABLE.md]
 
-EXPERIMENT names a config in `experiments/` (sinusoid_5x10, maml_sinusoid_2x10,
+EXPERIMENT names a config in `mplp/configs/` (sinusoid_5x10, maml_sinusoid_2x10,
 digits_20x8, mnist_20x8, ...) or is a path to a `.toml`. Bad input ends with one line
 `mplp: error: ...` (exit status 2) and leaves existing outputs as they were.
 """
@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest="command", required=True)
   t = sub.add_parser("train", help="meta-train a learning rule",
                      description="Meta-train a learning rule as an experiment config says.")
-  t.add_argument("experiment", help="config name in experiments/ or a path to a .toml")
+  t.add_argument("experiment", help="a shipped config name (mplp/configs/) or a path to a .toml")
   t.add_argument("--steps", type=int, help="meta-steps (run.steps)")
   t.add_argument("--seed", type=int, help="run.seed")
   t.add_argument("--out", help="output directory (default runs/EXPERIMENT-seedS)")

@@ -227,15 +227,19 @@ def _parse_override(item: str):
   return key, value
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the shipped configs, inside the package
+
+
 def experiment_path(name_or_path: str) -> Path:
-  """`experiments/NAME.toml` (next to the working directory or the installed package) or
-  an existing file path."""
+  """`NAME`: `./experiments/NAME.toml` (a user's own, next to the working directory) or
+  the shipped `mplp/configs/NAME.toml` (inside the package, so found after any install);
+  or an existing file path."""
   p = Path(name_or_path)
   if p.suffix == ".toml" or os.sep in name_or_path:
     if not p.is_file():
       raise ConfigError(f"experiment config {name_or_path!r} does not exist")
     return p
-  roots = [Path.cwd() / "experiments", Path(__file__).resolve().parent.parent / "experiments"]
+  roots = [Path.cwd() / "experiments", CONFIG_DIR]
   for root in roots:
     if (root / f"{name_or_path}.toml").is_file():
       return root / f"{name_or_path}.toml"
