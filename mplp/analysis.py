@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mplp.episode import scan_steps
 from mplp.layers import Dense
 from mplp.learned import MetaParams
 
@@ -97,16 +98,16 @@ def step_alignment(network, meta, state, x, y):
   return new, {k: jnp.stack(v) for k, v in out.items()}
 
 
-def alignment(trainer, trainable, stats, task, keys) -> Dict[str, jax.Array]:
-  """The rule's alignment along its inner runs on the tasks of `keys` [N, 2] (each task
-  starts as in `mplp.evaluation`): {metric: [N, T, layers]}."""
-  net = trainer.network
+def alignment(episode, trainable, stats, task, keys) -> Dict[str, jax.Array]:
+  """The rule's alignment along its inner runs (an `mplp.episode.Episode`) on the tasks of
+  `keys` [N, 2] (each task starts as in `mplp.evaluation`): {metric: [N, T, layers]}."""
+  net = episode.network
   meta = MetaParams(trainable["rule"], stats)
 
   def one(key):
-    sample, state = trainer.task_start(trainable, (), key, task)
-    body = lambda s, batch: step_alignment(net, meta, s, *batch)
-    return jax.lax.scan(body, state, (sample.xs, sample.ys))[1]
+    sample, state = episode.start(trainable, (), key, task)
+    step = lambda s, x, y: step_alignment(net, meta, s, x, y)
+    return scan_steps(step, state, sample.xs, sample.ys)[1]
 
   return jax.lax.map(one, keys)
 

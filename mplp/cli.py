@@ -91,7 +91,7 @@ def _source_args(p, tasks: int):
 
 
 def _load_source(a):
-  """(config, trainer, rule, task, name) from a run directory, a shipped rule, a rule file,
+  """(config, episode, rule, task, name) from a run directory, a shipped rule, a rule file,
   a W&B model artifact (`wandb:ENTITY/PROJECT/NAME:ALIAS`, given as --pretrained or in
   place of RUN_DIR) or the authors' weights."""
   import re
@@ -169,7 +169,7 @@ def _eval(a) -> int:
   if a.tasks < 2 or a.tune_tasks < 1:
     raise ConfigError(f"--tasks must be >= 2 and --tune-tasks >= 1, got {a.tasks} and {a.tune_tasks}")
   _check_seed(a.seed)
-  cfg, trainer, rule, task, name = _load_source(a)
+  cfg, episode, rule, task, name = _load_source(a)
   for opt in a.optimizers:  # refuse unknown names before any work
     try:
       evaluation.optax_optimizer(opt)
@@ -185,14 +185,14 @@ def _eval(a) -> int:
   key = jax.random.PRNGKey(a.seed)
   with progress.Phases(evaluation.phase_count(a.optimizers, others), "mplp eval",
                        not a.no_progress) as phases:
-    result = evaluation.compare(trainer, rule, task, key, a.tasks, a.tune_tasks, a.optimizers, others,
+    result = evaluation.compare(episode, rule, task, key, a.tasks, a.tune_tasks, a.optimizers, others,
                                 on_phase=phases.start)
     phases.close()
   fits = None
   if isinstance(task, Sinusoid):
     keys = jax.random.split(jax.random.split(key)[0], a.tasks)[:3]  # the first evaluation tasks
     fits = jax.jit(jax.vmap(lambda k: evaluation.rule_predictions(
-        trainer, rule.trainable, rule.stats, (), task, k)))(keys)  # one compile for the three
+        episode, rule.trainable, rule.stats, (), task, k)))(keys)  # one compile for the three
     fits = [jax.tree_util.tree_map(lambda a, i=i: a[i], fits) for i in range(len(keys))]
   out = report.write(result, out_dir, task.kind, cfg.to_dict(), fits)
   print((out / "eval.md").read_text())
@@ -200,10 +200,10 @@ def _eval(a) -> int:
     from mplp import tracking
     run = tracking.start_wandb(a.wandb, out, {**cfg.to_dict(), "eval": vars(a)}, cfg.run.wandb_project)
     metric = report.primary_metric(task.kind)
-    for t in range(trainer.inner_steps + 1):
+    for t in range(episode.inner_steps + 1):
       run.log({f"{m}/{metric}": r[metric]["mean"][t] for m, r in result["methods"].items()}, step=t)
-    run.log({"curves_table": tracking.curves_table(result["methods"])}, step=trainer.inner_steps)
-    tracking.log_images(run, [out / "curves.png", out / "fits.png"], step=trainer.inner_steps)
+    run.log({"curves_table": tracking.curves_table(result["methods"])}, step=episode.inner_steps)
+    tracking.log_images(run, [out / "curves.png", out / "fits.png"], step=episode.inner_steps)
     run.summary.update({f"learning_rate/{k}": v for k, v in result["learning_rates"].items()})
     run.summary.update({f"final/{m}/{metric}": r[metric]["mean"][-1] for m, r in result["methods"].items()})
     run.finish()
@@ -212,11 +212,11 @@ def _eval(a) -> int:
 
 
 def _against(source, cfg, overrides):
-  """(name, trainer, rule) of another trained rule whose task config equals `cfg`'s."""
+  """(name, episode, rule) of another trained rule whose task config equals `cfg`'s."""
   from pathlib import Path
   from mplp import rules
   try:
-    other_cfg, trainer, rule, _ = rules.load(source, overrides)
+    other_cfg, episode, rule, _ = rules.load(source, overrides)
   except ConfigError as e:
     raise ConfigError(f"--against {source}: {e}") from None
   mine, theirs = cfg.to_dict()["task"], other_cfg.to_dict()["task"]
@@ -226,7 +226,7 @@ def _against(source, cfg, overrides):
                       f"({', '.join(f'{mine.get(k)!r} vs {theirs.get(k)!r}' for k in differ)}); allowed: "
                       "a rule trained for the same task (or --set the same overrides)")
   name = Path(source).name if Path(source).is_dir() else f"pretrained:{source}"
-  return name, trainer, rule
+  return name, episode, rule
 
 
 def _analyze(a) -> int:
@@ -236,25 +236,25 @@ def _analyze(a) -> int:
   if a.tasks < 1:
     raise ConfigError(f"--tasks must be >= 1, got {a.tasks}")
   _check_seed(a.seed)
-  cfg, trainer, rule, task, name = _load_source(a)
+  cfg, episode, rule, task, name = _load_source(a)
   out_dir = _writable_dir(a.out or f"runs/analyze-{name}-seed{a.seed}")
   keys = jax.random.split(jax.random.PRNGKey(a.seed), a.tasks)
-  fn = lambda tr, st, k, task: analysis.alignment(trainer, tr, st, task, k)
+  fn = lambda tr, st, k, task: analysis.alignment(episode, tr, st, task, k)
   with progress.Phases(1, "mplp analyze", not a.no_progress) as phases:
     phases.start(f"{a.tasks} tasks with their true gradients (one compile)")
     curves = jit_with_task(fn, task)(rule.trainable, rule.stats, keys)
     phases.close()
-  summary = analysis.summarize(curves, analysis.layer_names(trainer.network))
+  summary = analysis.summarize(curves, analysis.layer_names(episode.network))
   out = report.write_analysis(summary, out_dir, a.tasks, cfg.to_dict())
   print((out / "analysis.md").read_text())
   if a.wandb != "disabled":
     from mplp import tracking
     run = tracking.start_wandb(a.wandb, out, {**cfg.to_dict(), "analyze": vars(a)}, cfg.run.wandb_project)
-    for t in range(trainer.inner_steps):
+    for t in range(episode.inner_steps):
       run.log({f"{layer}/{m}": v["mean"][t] for layer, per in summary.items() for m, v in per.items()
                if v["mean"][t] is not None}, step=t)
-    run.log({"alignment_table": tracking.curves_table(summary, first="layer")}, step=trainer.inner_steps - 1)
-    tracking.log_images(run, [out / "alignment.png"], step=trainer.inner_steps - 1)
+    run.log({"alignment_table": tracking.curves_table(summary, first="layer")}, step=episode.inner_steps - 1)
+    tracking.log_images(run, [out / "alignment.png"], step=episode.inner_steps - 1)
     run.finish()
   print(f"outputs in {out}")
   return 0

@@ -314,6 +314,15 @@ def build_network(c: Config, task):
   return net
 
 
+def build_episode(c: Config, network, pool_size: int = 0):
+  """The inner run the config describes (`mplp.episode.Episode`), tasks starting from
+  `pool_size` pre-sampled networks (0, the evaluation protocol: fresh ones) or the learned
+  initialization; nothing of the outer loop (optimizer, estimator, mesh) is built."""
+  from mplp.episode import Episode
+  return Episode(network, c.task.inner_steps, c.task.batch_size, c.task.eval_size, c.meta.learn_init,
+                 pool_size)
+
+
 def build_trainer(c: Config, network):
   """The `MetaTrainer` (with a device mesh when more than one device is used)."""
   from mplp import distributed, estimators

@@ -1,10 +1,12 @@
 """Held-out curves of a learned rule and of optax optimizers on the same tasks.
 
-For N task keys every method sees the same tasks, initial weights and inner batches
-(`MetaTrainer.task_start`). A curve is the held-out metric before learning and after
-each of the T inner steps: `loss` [N, T + 1] and, for classification, `accuracy`.
-SGD and Adam get their learning rate tuned on separate tuning tasks over a grid (the
-whole grid runs as one `vmap`).
+Everything here takes an `mplp.episode.Episode` (how a task starts and runs) and a rule
+(`TrainedRule`, or a `TrainState`): no outer optimizer, estimator or mesh. For N task
+keys every method sees the same tasks, initial weights and inner batches
+(`Episode.start`). A curve is the held-out metric before learning and after each of the
+T inner steps: `loss` [N, T + 1] and, for classification, `accuracy`. SGD and Adam get
+their learning rate tuned on separate tuning tasks over a grid (the whole grid runs as
+one `vmap`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mplp.episode import Episode, scan_steps
 from mplp.learned import MetaParams
 
 LR_GRIDS = {
@@ -33,62 +36,52 @@ def optax_optimizer(name: str) -> Callable:
   return getattr(optax, name)
 
 
-def _held_out(net, task, state, sample):
-  out = {"loss": net.loss(state, sample.x_eval, sample.y_eval)}
-  if task.kind == "classification":
-    pred = net.forward(state, sample.x_eval)
-    out["accuracy"] = jnp.mean(jnp.argmax(pred, -1) == jnp.argmax(sample.y_eval, -1))
-  return out
-
-
 def _with_start(first, rest):
   return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
 
 
-def rule_curves(trainer, trainable, stats, pool, task, keys) -> Dict[str, jax.Array]:
+def rule_curves(episode: Episode, trainable, stats, pool, task, keys) -> Dict[str, jax.Array]:
   """The learned rule: {metric: [N, T + 1]}."""
-  net = trainer.network
   meta = MetaParams(trainable["rule"], stats)
 
   def one(key):
-    sample, state0 = trainer.task_start(trainable, pool, key, task)
-    def body(s, batch):
-      s, _ = net.inner_step(meta, s, *batch)
-      return s, _held_out(net, task, s, sample)
-    _, after = jax.lax.scan(body, state0, (sample.xs, sample.ys))
-    return _with_start(_held_out(net, task, state0, sample), after)
+    sample, state0 = episode.start(trainable, pool, key, task)
+    observe = lambda new, old, m, x, y: episode.held_out(new, sample, task.kind)
+    _, after = episode.run(meta, state0, sample.xs, sample.ys, observe)
+    return _with_start(episode.held_out(state0, sample, task.kind), after)
   return jax.vmap(one)(keys)
 
 
-def _optax_curve(trainer, trainable, pool, task, make_opt: Callable, lr, key) -> Dict[str, jax.Array]:
+def _optax_curve(episode: Episode, trainable, pool, task, make_opt: Callable, lr, key) -> Dict[str, jax.Array]:
   """One task (`key`) learned by `make_opt(lr)` on true gradients: {metric: [T + 1]}."""
-  net = trainer.network
-  sample, state0 = trainer.task_start(trainable, pool, key, task)
+  net = episode.network
+  sample, state0 = episode.start(trainable, pool, key, task)
   opt = make_opt(lr)
   loss = lambda w, x, y: net.loss(net.with_weights(state0, w), x, y)
   w0 = net.weights(state0)
-  def body(carry, batch):
+
+  def step(carry, x, y):
     w, opt_state = carry
-    g = jax.grad(loss)(w, *batch)
-    updates, opt_state = opt.update(g, opt_state, w)
+    updates, opt_state = opt.update(jax.grad(loss)(w, x, y), opt_state, w)
     w = optax.apply_updates(w, updates)
-    return (w, opt_state), _held_out(net, task, net.with_weights(state0, w), sample)
-  _, after = jax.lax.scan(body, (w0, opt.init(w0)), (sample.xs, sample.ys))
-  return _with_start(_held_out(net, task, state0, sample), after)
+    return (w, opt_state), episode.held_out(net.with_weights(state0, w), sample, task.kind)
+
+  _, after = scan_steps(step, (w0, opt.init(w0)), sample.xs, sample.ys)
+  return _with_start(episode.held_out(state0, sample, task.kind), after)
 
 
-def optax_curves(trainer, trainable, pool, task, keys, make_opt: Callable, lrs) -> Dict[str, jax.Array]:
+def optax_curves(episode: Episode, trainable, pool, task, keys, make_opt: Callable, lrs) -> Dict[str, jax.Array]:
   """An optax optimizer on the network's weights by true gradients:
   {metric: [L, N, T + 1]} for each learning rate in `lrs` [L]."""
-  one = lambda lr, key: _optax_curve(trainer, trainable, pool, task, make_opt, lr, key)
+  one = lambda lr, key: _optax_curve(episode, trainable, pool, task, make_opt, lr, key)
   return jax.vmap(lambda lr: jax.vmap(lambda k: one(lr, k))(keys))(jnp.asarray(lrs, float))
 
 
-def _paired_runner(trainer, trainable, pool, task, make_opt: Callable):
+def _paired_runner(episode: Episode, trainable, pool, task, make_opt: Callable):
   """`run(lrs [n], keys [n], length) -> {metric: [n, T + 1]}`: task i learned at lrs[i],
   the batch padded to `length` (repeating its last pair) so that calls with different n
   share one compile."""
-  jitted = jax.jit(jax.vmap(lambda lr, key: _optax_curve(trainer, trainable, pool, task, make_opt, lr, key)))
+  jitted = jax.jit(jax.vmap(lambda lr, key: _optax_curve(episode, trainable, pool, task, make_opt, lr, key)))
 
   def run(lrs, keys, length):
     n = len(keys)
@@ -119,14 +112,15 @@ def phase_count(optimizers: Sequence[str] = ("sgd", "adam"), others: Sequence = 
   return 1 + len(others) + len(optimizers)
 
 
-def compare(trainer, state, task, key, n_tasks: int, tune_tasks: int,
+def compare(episode: Episode, rule, task, key, n_tasks: int, tune_tasks: int,
             optimizers: Sequence[str] = ("sgd", "adam"), others: Sequence = (),
             on_phase: Callable[[str], None] = lambda what: None) -> Dict:
   """The rule vs tuned optax optimizers (and other trained rules) on `n_tasks` fresh tasks.
 
-  `others`: `(name, trainer, state)` of other trained rules for the same task (e.g. plain
-  MAML against the MAML-style rule); they run on the same task keys, so they see the
-  same tasks and batches (their own learned initialization, if they have one).
+  `rule`: a `TrainedRule` (or `TrainState`). `others`: `(name, episode, rule)` of other
+  trained rules for the same task (e.g. plain MAML against the MAML-style rule); they run
+  on the same task keys, so they see the same tasks and batches (their own learned
+  initialization, if they have one).
   `on_phase(what)` is called as each of the `phase_count` phases starts (progress).
   Returns {"methods": {name: {metric: summary}}, "learning_rates": {opt: chosen},
   "grids": {opt: grid}, "tasks": n_tasks}.
@@ -136,9 +130,9 @@ def compare(trainer, state, task, key, n_tasks: int, tune_tasks: int,
   eval_keys = jax.random.split(k_eval, n_tasks)
   tune_keys = jax.random.split(k_tune, tune_tasks)
   methods = {}
-  for name, tr, st in (("mplp", trainer, state), *others):
+  for name, ep, st in (("mplp", episode, rule), *others):
     on_phase(f"{name} on {n_tasks} tasks")
-    curves = jax.jit(lambda keys, tr=tr, st=st: rule_curves(tr, st.trainable, st.stats, st.pool, task, keys))(eval_keys)
+    curves = jax.jit(lambda keys, ep=ep, st=st: rule_curves(ep, st.trainable, st.stats, st.pool, task, keys))(eval_keys)
     methods[name] = {m: summarize(c) for m, c in curves.items()}
   chosen = {}
   grids = {name: LR_GRIDS.get(name, DEFAULT_GRID) for name in optimizers}
@@ -147,7 +141,7 @@ def compare(trainer, state, task, key, n_tasks: int, tune_tasks: int,
     # as one flat batch of (learning rate, task) padded to one length: one compile.
     grid = grids[name]
     on_phase(f"{name}: {len(grid)} learning rates x {tune_tasks} tuning tasks, then {n_tasks} tasks")
-    run = _paired_runner(trainer, state.trainable, state.pool, task, optax_optimizer(name))
+    run = _paired_runner(episode, rule.trainable, rule.pool, task, optax_optimizer(name))
     length = max(len(grid) * tune_tasks, n_tasks)
     tuned = run(np.repeat(grid, tune_tasks), jnp.tile(tune_keys, (len(grid), 1)), length)
     tuned = jax.tree_util.tree_map(lambda a: a.reshape((len(grid), tune_tasks) + a.shape[1:]), tuned)
@@ -159,14 +153,12 @@ def compare(trainer, state, task, key, n_tasks: int, tune_tasks: int,
           "tasks": n_tasks, "tune_tasks": tune_tasks}
 
 
-def rule_predictions(trainer, trainable, stats, pool, task, key):
+def rule_predictions(episode: Episode, trainable, stats, pool, task, key):
   """One task's fit along the rule's inner run: (TaskSample, predictions on x_eval
   before and after each step [T + 1, E, out])."""
-  net = trainer.network
+  net = episode.network
   meta = MetaParams(trainable["rule"], stats)
-  sample, state0 = trainer.task_start(trainable, pool, key, task)
-  def body(s, batch):
-    s, _ = net.inner_step(meta, s, *batch)
-    return s, net.forward(s, sample.x_eval)
-  _, after = jax.lax.scan(body, state0, (sample.xs, sample.ys))
+  sample, state0 = episode.start(trainable, pool, key, task)
+  observe = lambda new, old, m, x, y: net.forward(new, sample.x_eval)
+  _, after = episode.run(meta, state0, sample.xs, sample.ys, observe)
   return sample, jnp.concatenate([net.forward(state0, sample.x_eval)[None], after])

@@ -4,9 +4,9 @@
 everything a checkpoint holds). `trainer.step(state, task) -> (state, metrics)` is pure:
 `jax.jit` it once and call it in a host loop (see `mplp.train`).
 
-Per task (`task_loss`): sample the task, take the initial inner weights (a draw from the
-pool of pre-sampled networks, or the learned initialization), unroll T inner steps with
-`lax.scan`, and mix
+Per task (`task_loss`): start the task's `mplp.episode.Episode` (its initial inner weights
+a draw from the pool of pre-sampled networks, or the learned initialization), run its T
+inner steps (`Episode.run`, one `lax.scan`), and mix
   hint     * mean_t loss(theta_{t+1}; batch_t)      (after each step, on that step's batch)
   heldout  * loss(theta_T; held-out batch)          (after the last step)
   remember * mean_t loss(theta_T; batch_t)          (optional)
@@ -37,6 +37,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mplp import minibatch_init
+from mplp.episode import Episode
 from mplp.estimators import Backprop
 from mplp.learned import MetaParams
 from mplp.network import Network
@@ -156,22 +157,11 @@ class MetaTrainer:
     return TrainState(zero, k_rng, trainable, meta.stats, self.optimizer.init(trainable),
                       pool, zero, zero, unrolls)
 
-  def initial_weights(self, trainable, pool, key):
-    """The inner network a task starts from: learned init, a pool draw, or fresh."""
-    if self.learn_init:
-      return trainable["init"]
-    if self.pool_size > 0:
-      i = jax.random.randint(key, (), 0, self.pool_size)
-      return jax.tree_util.tree_map(lambda a: a[i], pool)
-    return self.network.weights(self.network.init(key, 1))
-
-  def task_start(self, trainable, pool, key, task):
-    """One task's data and starting inner state: (TaskSample, state). The same key
-    gives the same task, batches and initial weights (used by every method compared)."""
-    k_task, k_init = jax.random.split(key)
-    sample = task.sample(k_task, self.inner_steps, self.batch_size, self.eval_size)
-    weights = self.initial_weights(trainable, pool, k_init)
-    return sample, self.network.init(k_init, self.batch_size, weights=weights)
+  @property
+  def episode(self) -> Episode:
+    """The inner run this trainer meta-trains (what evaluation and analysis take)."""
+    return Episode(self.network, self.inner_steps, self.batch_size, self.eval_size,
+                   self.learn_init, self.pool_size)
 
   def task_loss(self, trainable, stats, pool, key, task, unroll=None):
     """Outer loss of one task's window and its metrics (scalars).
@@ -187,21 +177,16 @@ class MetaTrainer:
       restart = unroll.t == 0
       key = jnp.where(restart, key, unroll.key)
       t0 = unroll.t
-    sample, state0 = self.task_start(trainable, pool, key, task)
+    episode = self.episode
+    sample, state0 = episode.start(trainable, pool, key, task)
     if unroll is not None:
       state0 = jax.tree_util.tree_map(lambda a, b: jnp.where(restart, a, b), state0, unroll.state)
     xs = jax.lax.dynamic_slice_in_dim(sample.xs, t0, self.window)
     ys = jax.lax.dynamic_slice_in_dim(sample.ys, t0, self.window)
-
-    def body(state, batch):
-      x, y = batch
-      new, metrics = net.inner_step(meta, state, x, y)
-      return new, (metrics["loss"], net.loss(new, x, y), _sq_distance(net, new, state))
-
-    if self.remat:
-      body = jax.checkpoint(body)
-    final, (before, hint, moved) = jax.lax.scan(body, state0, (xs, ys))
-    heldout = net.loss(final, sample.x_eval, sample.y_eval)
+    observe = lambda new, old, m, x, y: (m["loss"], net.loss(new, x, y), _sq_distance(net, new, old))
+    final, (before, hint, moved) = episode.run(meta, state0, xs, ys, observe, self.remat)
+    held = episode.held_out(final, sample, task.kind)
+    heldout = held["loss"]
     total = self.loss.hint * jnp.mean(hint) + self.loss.heldout * heldout
     metrics = {"heldout": heldout, "heldout_before": net.loss(state0, sample.x_eval, sample.y_eval),
                "hint": jnp.mean(hint), "first_batch_loss": before[0], "update_sq": jnp.mean(moved)}
@@ -211,9 +196,8 @@ class MetaTrainer:
       metrics["remember"] = remember
     if self.loss.update_l2:
       total += self.loss.update_l2 * jnp.mean(moved)
-    if task.kind == "classification":
-      pred = net.forward(final, sample.x_eval)
-      metrics["heldout_accuracy"] = jnp.mean(jnp.argmax(pred, -1) == jnp.argmax(sample.y_eval, -1))
+    if "accuracy" in held:
+      metrics["heldout_accuracy"] = held["accuracy"]
     advanced = None
     if unroll is not None:
       advanced = Unroll(key, (t0 + self.window) % self.inner_steps, jax.lax.stop_gradient(final))

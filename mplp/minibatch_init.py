@@ -14,6 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from mplp.episode import scan_steps
 from mplp.learned import MetaParams
 from mplp.network import InnerState, Network
 
@@ -33,10 +34,10 @@ def measure(network: Network, meta: MetaParams, state: InnerState, xs, ys) -> Me
     raise ValueError(f"minibatch init needs a learned rule, got {type(network.rule).__name__}")
   measuring = dataclasses.replace(network, rule=dataclasses.replace(network.rule, measure=True))
 
-  def body(s, batch):
-    s, _, used = measuring.step_with_stats(meta, s, *batch)
+  def step(s, x, y):
+    s, _, used = measuring.step_with_stats(meta, s, x, y)
     return s, used
 
-  _, used = jax.lax.scan(body, state, (xs, ys))
+  _, used = scan_steps(step, state, xs, ys)
   stats = jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), used)
   return meta._replace(stats=stats)

@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
+from mplp.episode import scan_steps
 from mplp.layers import Dense
 from mplp.losses import _Loss
 
@@ -177,8 +178,6 @@ class Network:
     return new_state, metrics
 
   def unroll(self, meta, state: InnerState, xs, ys):
-    """T inner steps with `lax.scan`. xs: [T, B, in], ys: [T, B, out] ->
+    """T inner steps (`mplp.episode.scan_steps`). xs: [T, B, in], ys: [T, B, out] ->
     (final state, metrics with a leading [T] axis)."""
-    def body(s, batch):
-      return self.inner_step(meta, s, *batch)
-    return jax.lax.scan(body, state, (xs, ys))
+    return scan_steps(lambda s, x, y: self.inner_step(meta, s, x, y), state, xs, ys)

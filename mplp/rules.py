@@ -1,7 +1,10 @@
-"""Where a trained rule comes from: a run directory, a rule shipped with mplp, or the
-authors' published flat weights. Each gives `(config, trainer, state, task)` ready for
-`mplp.evaluation.compare`, with config overrides applied (for transfer: another
-activation, other widths, another data set).
+"""Where a trained rule comes from: a run directory, a rule shipped with mplp (or a rule
+file, or a W&B model artifact), or the authors' published flat weights. Each gives
+`(config, episode, rule, task)` ready for `mplp.evaluation.compare` (an
+`mplp.episode.Episode` whose tasks start from fresh networks or the learned
+initialization, and a `TrainedRule`), with config overrides applied (for transfer:
+another activation, other widths, another data set). Only a run directory's checkpoint
+(a whole `TrainState`) needs the trainer's shapes; nothing else builds an outer optimizer.
 
 A shipped rule is `mplp/pretrained/NAME.npz` in the checkpoint format (see
 `mplp.checkpoint`) holding `{"trainable", "stats"}` and the config it was trained with.
@@ -18,6 +21,7 @@ import jax
 import numpy as np
 
 from mplp import checkpoint, config as config_lib, reference
+from mplp.episode import TrainedRule
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 PUBLISHED = ("sinusoid_5x10", "maml_sinusoid_2x10", "mnist_20x8")
@@ -31,32 +35,28 @@ def _with_overrides(raw: dict, overrides: Sequence[str]) -> config_lib.Config:
   return config_lib.from_dict(config_lib.apply_overrides(raw, overrides))
 
 
-def _one_device_trainer(cfg):
-  """(task, the config's trainer on one device)."""
-  task = config_lib.build_task(cfg)
-  trainer = config_lib.build_trainer(
-      dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, devices=1)),
-      config_lib.build_network(cfg, task))
-  return task, trainer
-
-
 def _build(cfg):
-  """Task, and a trainer that starts every task from a fresh inner network (or the
+  """Task, and the episode that starts every task from a fresh inner network (or the
   learned initialization): the paper's evaluation protocol."""
-  task, trainer = _one_device_trainer(cfg)
-  return task, dataclasses.replace(trainer, pool_size=0, mesh=None)
+  task = config_lib.build_task(cfg)
+  return task, config_lib.build_episode(cfg, config_lib.build_network(cfg, task))
 
 
-def _template(cfg):
+def _state_template(cfg):
   """The shapes of the `TrainState` a run with `cfg` saves (nothing is computed)."""
-  task, trainer = _one_device_trainer(cfg)
+  task = config_lib.build_task(cfg)
+  trainer = config_lib.build_trainer(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, devices=1)),
+                                     config_lib.build_network(cfg, task))
   return jax.eval_shape(lambda: trainer.init(jax.random.PRNGKey(0), task))
 
 
-class _Rule:
-  """What evaluation reads from a `TrainState`."""
-  def __init__(self, trainable, stats):
-    self.trainable, self.stats, self.pool = trainable, stats, ()
+def _rule_template(cfg, network):
+  """The shapes of a shipped rule file's `{"trainable", "stats"}` for `cfg` (from the
+  network alone: no trainer, nothing computed)."""
+  key = jax.random.PRNGKey(0)
+  meta = jax.eval_shape(network.init_meta, key)
+  init = jax.eval_shape(lambda: network.weights(network.init(key, 1))) if cfg.meta.learn_init else ()
+  return {"trainable": {"rule": meta.params, "init": init}, "stats": meta.stats}
 
 
 def _checkpoint_of(run_dir: Path, step: int | None) -> Path:
@@ -92,7 +92,7 @@ def _restore_run(run_dir, step=None):
   if not (run_dir / "config.json").exists():
     raise config_lib.ConfigError(f"{run_dir} is not an mplp run directory (no config.json)")
   raw = config_lib.read_json(run_dir / "config.json")
-  template = _template(config_lib.from_dict(raw))
+  template = _state_template(config_lib.from_dict(raw))
   restored = [checkpoint.restore(_checkpoint_of(run_dir, s), template) for s in _steps(step)]
   state, meta = restored[-1]
   if len(restored) > 1:
@@ -109,8 +109,8 @@ def from_run(run_dir, overrides: Sequence[str] = (), step=None):
   average of their rules and statistics."""
   raw, state, _ = _restore_run(run_dir, step)
   cfg = _with_overrides(raw, overrides)
-  task, trainer = _build(cfg)
-  return cfg, trainer, _Rule(state.trainable, state.stats), task
+  task, episode = _build(cfg)
+  return cfg, episode, TrainedRule(state.trainable, state.stats), task
 
 
 def load(source: str, overrides: Sequence[str] = ()):
@@ -151,11 +151,11 @@ def from_pretrained(name: str, overrides: Sequence[str] = ()):
   path = rule_file(name)
   _, meta = checkpoint.read(path)
   raw = meta["config"]
-  template = _template(config_lib.from_dict(raw))
-  tree, _ = checkpoint.restore(path, {"trainable": template.trainable, "stats": template.stats})
+  saved = config_lib.from_dict(raw)
+  tree, _ = checkpoint.restore(path, _rule_template(saved, config_lib.build_network(saved, config_lib.build_task(saved))))
   cfg = _with_overrides(json.loads(json.dumps(raw)), overrides)
-  task, trainer = _build(cfg)
-  return cfg, trainer, _Rule(tree["trainable"], tree["stats"]), task
+  task, episode = _build(cfg)
+  return cfg, episode, TrainedRule(tree["trainable"], tree["stats"]), task
 
 
 def from_reference(path: str, experiment: str, prior: str | None = None, overrides: Sequence[str] = ()):
@@ -169,17 +169,17 @@ def from_reference(path: str, experiment: str, prior: str | None = None, overrid
                                  "weights (maml_sin_prior_weights_*.npy)")
   if experiment != "maml_sinusoid_2x10" and prior is not None:
     raise config_lib.ConfigError(f"--reference-prior: only maml_sinusoid_2x10 has a learned prior, not {experiment}")
-  task, trainer = _build(cfg)
+  task, episode = _build(cfg)
   if not Path(path).is_file():
     raise config_lib.ConfigError(f"--reference: no such file {path!r}")
   if prior is not None and not Path(prior).is_file():
     raise config_lib.ConfigError(f"--reference-prior: no such file {prior!r}")
   try:
-    meta = reference.import_flat(np.load(path, allow_pickle=False), trainer.network)
-    init = reference.load_prior(prior, trainer.network) if prior else ()
+    meta = reference.import_flat(np.load(path, allow_pickle=False), episode.network)
+    init = reference.load_prior(prior, episode.network) if prior else ()
   except ValueError as e:
     raise config_lib.ConfigError(f"--reference: {e} (experiment {experiment})") from None
-  return cfg, trainer, _Rule({"rule": meta.params, "init": init}, meta.stats), task
+  return cfg, episode, TrainedRule({"rule": meta.params, "init": init}, meta.stats), task
 
 
 def warm_start(source: str, trainable, stats):

@@ -278,8 +278,8 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
   if cfg.run.eval_tasks > 0 and writer:
     # The paper's protocol, as `mplp eval` runs it: fresh inner networks (not pool draws).
     eval_task = dataclasses.replace(task, eval_grid=True) if isinstance(task, Sinusoid) else task
-    eval_trainer = dataclasses.replace(trainer, pool_size=0, mesh=None)
-    final = evaluation.compare(eval_trainer, distributed.to_host(state), distributed.to_host(eval_task),
+    final = evaluation.compare(dataclasses.replace(trainer.episode, pool_size=0), distributed.to_host(state),
+                               distributed.to_host(eval_task),
                                jax.random.PRNGKey(10_000 + cfg.run.seed), cfg.run.eval_tasks, cfg.run.tune_tasks)
     text = report.finite_json(final)
     with _writing("the final evaluation", out / "final_eval.json", len(text), ckpt_dir):

@@ -13,7 +13,7 @@ from mplp.backprop import BackpropRule
 from mplp.cli import main
 from mplp.layers import Activation, Dense, Softmax
 from mplp.losses import CrossEntropy, L2
-from mplp.meta_train import MetaTrainer
+from mplp.episode import Episode
 from mplp.network import Network
 from mplp.tasks import Classification, Sinusoid
 from test_train import _wandb_history
@@ -27,9 +27,8 @@ _JITTED = {}
 def _curves(net, task, tasks=3, trainable=NO_RULE, stats=()):
   """analysis.alignment on `tasks` tasks of 5 steps (one compilation per network)."""
   if net not in _JITTED:
-    trainer = MetaTrainer(net, optax.sgd(0.0), inner_steps=5, batch_size=10, eval_size=20,
-                          outer_batch=1, pool_size=0)
-    _JITTED[net] = jax.jit(lambda tr, st, k, task: analysis.alignment(trainer, tr, st, task, k))
+    episode = Episode(net, inner_steps=5, batch_size=10, eval_size=20)
+    _JITTED[net] = jax.jit(lambda tr, st, k, task: analysis.alignment(episode, tr, st, task, k))
   keys = jax.random.split(jax.random.PRNGKey(0), tasks)
   return {k: np.asarray(v) for k, v in _JITTED[net](trainable, stats, keys, task).items()}
 

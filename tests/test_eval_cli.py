@@ -136,10 +136,10 @@ def test_eval_against_plain_maml_equals_sgd_from_its_learned_init(tmp_path, caps
                  "--tasks", "6", "--tune-tasks", "2", "--optimizers", "adam")
   ours, again = doc["methods"]["mplp"], doc["methods"]["maml"]
   assert ours == again
-  _, trainer, rule, task = rules.from_run(tmp_path / "maml")
+  _, episode, rule, task = rules.from_run(tmp_path / "maml")
   task = dataclasses.replace(task, eval_grid=True)
   keys = jax.random.split(jax.random.split(jax.random.PRNGKey(0))[0], 6)
-  sgd = evaluation.optax_curves(trainer, rule.trainable, (), task, keys, optax.sgd, (cfg.network.inner_lr,))
+  sgd = evaluation.optax_curves(episode, rule.trainable, (), task, keys, optax.sgd, (cfg.network.inner_lr,))
   np.testing.assert_allclose(ours["mean"], np.asarray(sgd["loss"][0]).mean(0), rtol=1e-5)
   assert ours["mean"][-1] < ours["mean"][0]
   # a rule for another task is refused with the keys that differ
@@ -174,7 +174,7 @@ def test_step_picks_a_kept_checkpoint_for_eval_and_shipping(tmp_path, capsys):
                                                "run.keep_checkpoints=5"])
   run = tmp_path / "run"
   train(cfg, run, progress=False)
-  first, _ = checkpoint.restore(checkpoint.path_for(run / "checkpoints", 1), rules._template(cfg))
+  first, _ = checkpoint.restore(checkpoint.path_for(run / "checkpoints", 1), rules._state_template(cfg))
   at_1, newest = rules.from_run(run, step=1)[2], rules.from_run(run)[2]
   chex.assert_trees_all_close(at_1.trainable, first.trainable, rtol=0, atol=0)
   with pytest.raises(AssertionError):  # a meta-step at lr 0.01 moved the rule

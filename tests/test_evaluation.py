@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from mplp import BackpropRule, config as config_lib, evaluation, presets
-from mplp.meta_train import MetaTrainer
+from mplp.episode import Episode, TrainedRule
 from mplp.network import Network
 from mplp.tasks import Sinusoid
 
@@ -21,12 +21,12 @@ def test_rule_curve_equals_optax_sgd_curve(problem):
     task = config_lib.build_task(config_lib.load("digits_20x8"))
     base = presets.mnist_20x8(hidden=(16,), input_size=64)
   net = Network(base.input_size, base.layers, BackpropRule(lr))
-  trainer = MetaTrainer(net, optax.adam(1e-3), inner_steps=6, batch_size=8, eval_size=50, pool_size=0)
+  episode = Episode(net, inner_steps=6, batch_size=8, eval_size=50)  # no outer optimizer, no trainer
   meta = net.init_meta(jax.random.PRNGKey(0))
   trainable = {"rule": meta.params, "init": ()}
   keys = jax.random.split(jax.random.PRNGKey(1), 5)
-  rule = jax.jit(lambda k: evaluation.rule_curves(trainer, trainable, meta.stats, (), task, k))(keys)
-  sgd = jax.jit(lambda k: evaluation.optax_curves(trainer, trainable, (), task, k, optax.sgd, (lr,)))(keys)
+  rule = jax.jit(lambda k: evaluation.rule_curves(episode, trainable, meta.stats, (), task, k))(keys)
+  sgd = jax.jit(lambda k: evaluation.optax_curves(episode, trainable, (), task, k, optax.sgd, (lr,)))(keys)
   assert rule["loss"].shape == (5, 7)
   np.testing.assert_allclose(rule["loss"], sgd["loss"][0], rtol=2e-5, atol=1e-7)
   assert float(np.abs(rule["loss"][:, -1] - rule["loss"][:, 0]).max()) > 1e-3  # weights moved
@@ -40,3 +40,26 @@ def test_summary_statistics():
   np.testing.assert_allclose(s["mean"], [3.0, 6.0])
   np.testing.assert_allclose(s["sd"], [2.0, 4.0])
   np.testing.assert_allclose(s["ci95"], [1.96 * 2 / np.sqrt(3), 1.96 * 4 / np.sqrt(3)])
+
+
+def test_a_shipped_rule_evaluates_with_only_an_episode_and_the_rule(monkeypatch, tmp_path):
+  """Evaluating a shipped rule builds no outer optimizer, trainer or device mesh: with
+  those three made to fail, the rule loads (an `Episode` and a `TrainedRule`), compares
+  against tuned SGD, and its curve equals the one the CLI writes for the same seed."""
+  import json
+  from mplp import distributed, optim, rules
+  from mplp.cli import main
+  cli = tmp_path / "cli"
+  assert main(["eval", "--pretrained", "digits_20x8", "--tasks", "3", "--tune-tasks", "2", "--optimizers", "sgd",
+               "--no-progress", "--out", str(cli)]) == 0
+
+  def refuse(*a, **k):
+    raise AssertionError("evaluation built a part of the outer loop")
+  for module, name in ((config_lib, "build_trainer"), (distributed, "mesh"), (optim, "outer_optimizer")):
+    monkeypatch.setattr(module, name, refuse)
+  cfg, episode, rule, task = rules.from_pretrained("digits_20x8")
+  assert type(episode) is Episode and type(rule) is TrainedRule and episode.pool_size == 0
+  result = evaluation.compare(episode, rule, task, jax.random.PRNGKey(0), 3, 2, ["sgd"])
+  doc = json.loads((cli / "eval.json").read_text())
+  np.testing.assert_array_equal(result["methods"]["mplp"]["accuracy"]["mean"], doc["methods"]["mplp"]["mean"])
+  assert result["learning_rates"] == doc["learning_rates"]

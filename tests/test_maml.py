@@ -24,7 +24,7 @@ def test_maml_outer_loss_and_meta_gradient_equal_hand_written_maml():
 
   def maml(init):
     def one(k):
-      sample, state0 = trainer.task_start({"init": init}, (), k, task)
+      sample, state0 = trainer.episode.start({"init": init}, (), k, task)
       loss = lambda p, x, y: net.loss(net.with_weights(state0, p), x, y)
       params, hints = init, []
       for x, y in zip(sample.xs, sample.ys):

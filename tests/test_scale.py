@@ -94,7 +94,7 @@ def test_truncated_windows_carry_the_inner_state():
     keys.append(np.asarray(state.unrolls.key))
     np.testing.assert_array_equal(state.unrolls.t, [(i + 1) % 4] * 2)
   assert all((k == keys[0]).all() for k in keys)  # the same two tasks throughout
-  curves = evaluation.rule_curves(trunc, state.trainable, state.stats, state.pool, task,
+  curves = evaluation.rule_curves(trunc.episode, state.trainable, state.stats, state.pool, task,
                                   jnp.asarray(keys[0]))
   _close(jnp.mean(curves["loss"][:, 1:], axis=0), jnp.stack(heldouts))
   state, _ = step(state)  # t wrapped to 0: new tasks

@@ -39,7 +39,7 @@ def test_meta_training_improves_held_out_loss():
   trainer = config_lib.build_trainer(cfg, config_lib.build_network(cfg, task))
   keys = jax.random.split(jax.random.PRNGKey(99), 64)
   curves = jax.jit(lambda s: evaluation.rule_curves(
-      trainer, s.trainable, s.stats, s.pool, Sinusoid(eval_grid=True), keys)["loss"].mean(0))
+      trainer.episode, s.trainable, s.stats, s.pool, Sinusoid(eval_grid=True), keys)["loss"].mean(0))
   before = curves(jit_with_task(trainer.init, task)(jax.random.PRNGKey(0)))
   state = jit_with_task(trainer.init, task)(jax.random.PRNGKey(0))
   step = jit_with_task(trainer.step, task)
@@ -181,7 +181,7 @@ def test_warm_start_from_a_run(tmp_path, capsys, finished_run):
 
 def _restored(out, cfg):
   from mplp import rules
-  return checkpoint.restore(checkpoint.latest(out / "checkpoints"), rules._template(cfg))[0]
+  return checkpoint.restore(checkpoint.latest(out / "checkpoints"), rules._state_template(cfg))[0]
 
 
 def test_corrupted_checkpoint_refused_on_resume(tmp_path, capsys, finished_run):
