@@ -1,14 +1,18 @@
 """Meta-gradient estimators: how `MetaTrainer.step` gets d(outer loss) / d(trainable).
 
-An estimator is a frozen dataclass with two pure methods (cf. learned_optimization's
-gradient estimators, one per file there):
+An estimator is a frozen dataclass with pure methods (cf. learned_optimization's
+gradient estimators, one per file there); it sees the outer loss only as a function,
+never the trainer:
 
-    init_carry(trainer, unrolls, trainable) -> carry     (what it keeps between meta-steps)
-    estimate(trainer, trainable, stats, pool, key, task, carry)
+    init_carry(unrolls, trainable) -> carry     (what it keeps between meta-steps)
+    estimate(loss, trainable, key, carry)
         -> (loss [], metrics {name: []}, grads (like trainable), carry)
+    restart(carry, ok) -> carry                 (after a non-finite step)
 
-With `trainer.truncation == 0` each meta-step sees whole unrolls; with a window K each
-meta-step advances runs in progress by K inner steps (`mplp.meta_train.Unroll`).
+`loss(trainable, carry) -> (scalar, (metrics, advanced carry))` is the mean outer loss of
+one outer batch of tasks (`MetaTrainer.outer_loss` with the statistics, pool, task key
+and task bound). `unrolls` is () for whole unrolls; with a window K it is the runs in
+progress (`mplp.meta_train.Unroll`), each meta-step advancing them by K inner steps.
 
 * `Backprop` — `jax.grad` through the unroll: the whole one (the config's `backprop`) or
   one window of runs in progress (`truncated`; biased: the window's dependence on earlier
@@ -43,14 +47,14 @@ def _tree_stack(tree, n):
 class Backprop:
   """Reverse-mode gradient through the unroll (or through one window of it)."""
 
-  def init_carry(self, trainer, unrolls, trainable):
-    del trainer, trainable
+  def init_carry(self, unrolls, trainable):
+    del trainable
     return unrolls
 
-  def estimate(self, trainer, trainable, stats, pool, key, task, carry):
-    (loss, (metrics, carry)), grads = jax.value_and_grad(trainer.outer_loss, has_aux=True)(
-        trainable, stats, pool, key, task, carry)
-    return loss, metrics, grads, carry
+  def estimate(self, loss, trainable, key, carry):
+    del key
+    (value, (metrics, carry)), grads = jax.value_and_grad(loss, has_aux=True)(trainable, carry)
+    return value, metrics, grads, carry
 
   def restart(self, carry, ok):
     """After a non-finite step, start every run in progress over on a fresh task."""
@@ -81,8 +85,8 @@ class ES:
     if not isinstance(self.pairs, int) or self.pairs < 1:
       raise ValueError(f"meta.es_pairs: must be an int >= 1, got {self.pairs!r}")
 
-  def init_carry(self, trainer, unrolls, trainable):
-    if not trainer.truncation:
+  def init_carry(self, unrolls, trainable):
+    if not unrolls:  # whole unrolls: nothing to carry
       return ()
     runs = _tree_stack(unrolls, self.pairs)
     return PESCarry(runs, runs, _tree_stack(trainable, self.pairs))
@@ -97,19 +101,19 @@ class ES:
     eps = self.sigma * jax.random.normal(key, (self.pairs,) + flat.shape, jnp.float32).astype(flat.dtype)
     return jax.vmap(unravel)(eps)
 
-  def estimate(self, trainer, trainable, stats, pool, key, task, carry):
+  def estimate(self, loss, trainable, key, carry):
     eps = self._noise(jax.random.fold_in(key, 1), trainable)
     shift = lambda sign, e: jax.tree_util.tree_map(lambda t, d: t + sign * d, trainable, e)
 
-    if trainer.truncation:
+    if carry:  # PES: windows of runs in progress
       restart = carry.pos.t[:, 0] == 0  # [pairs]: runs of a pair start and advance together
       noise = jax.tree_util.tree_map(
           lambda acc, e: jnp.where(restart.reshape((-1,) + (1,) * (e.ndim - 1)), 0, acc) + e,
           carry.noise, eps)
 
       def pair(e, pos, neg):
-        lp, (mp, pos) = trainer.outer_loss(shift(+1, e), stats, pool, key, task, pos)
-        ln, (mn, neg) = trainer.outer_loss(shift(-1, e), stats, pool, key, task, neg)
+        lp, (mp, pos) = loss(shift(+1, e), pos)
+        ln, (mn, neg) = loss(shift(-1, e), neg)
         return lp, ln, mp, mn, pos, neg
 
       lp, ln, mp, mn, pos, neg = jax.vmap(pair)(eps, carry.pos, carry.neg)
@@ -118,8 +122,8 @@ class ES:
       noise = eps
 
       def pair(e):
-        lp, (mp, _) = trainer.outer_loss(shift(+1, e), stats, pool, key, task)
-        ln, (mn, _) = trainer.outer_loss(shift(-1, e), stats, pool, key, task)
+        lp, (mp, _) = loss(shift(+1, e), ())
+        ln, (mn, _) = loss(shift(-1, e), ())
         return lp, ln, mp, mn
 
       lp, ln, mp, mn = jax.vmap(pair)(eps)

@@ -153,7 +153,7 @@ class MetaTrainer:
       unrolls = jax.tree_util.tree_map(
           lambda a: jnp.zeros((self.outer_batch,) + a.shape, a.dtype),
           Unroll(jax.random.PRNGKey(0), zero, blank))
-    unrolls = self.estimator.init_carry(self, unrolls, trainable)
+    unrolls = self.estimator.init_carry(unrolls, trainable)
     return TrainState(zero, k_rng, trainable, meta.stats, self.optimizer.init(trainable),
                       pool, zero, zero, unrolls)
 
@@ -215,11 +215,17 @@ class MetaTrainer:
       losses, (metrics, _) = jax.vmap(fn)(keys)
     return jnp.mean(losses), (jax.tree_util.tree_map(jnp.mean, metrics), unrolls)
 
+  def meta_gradient(self, trainable, stats, pool, key, task, carry):
+    """The estimator's (loss, metrics, meta-gradient, carry) of the outer loss of the
+    outer batch drawn with `key`; the estimator sees the loss as a function only."""
+    loss = lambda tr, c: self.outer_loss(tr, stats, pool, key, task, c)
+    return self.estimator.estimate(loss, trainable, key, carry)
+
   def step(self, state: TrainState, task):
     """One meta-step: (state, task) -> (new state, metrics). Pure; jit it."""
     key = jax.random.fold_in(state.rng, state.step)
-    loss, metrics, grads, unrolls = self.estimator.estimate(
-        self, state.trainable, state.stats, state.pool, key, task, state.unrolls)
+    loss, metrics, grads, unrolls = self.meta_gradient(state.trainable, state.stats, state.pool, key,
+                                                       task, state.unrolls)
     grad_norm = optax.tree_utils.tree_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.trainable)

@@ -61,8 +61,8 @@ def main():
     key = jax.random.fold_in(state.rng, state.step)
     out = {}
     for name, t in trainers.items():
-      loss, metrics, grads, _ = t.estimator.estimate(t, state.trainable, state.stats, state.pool,
-                                                     key, task, state.unrolls)
+      loss, metrics, grads, _ = t.meta_gradient(state.trainable, state.stats, state.pool, key, task,
+                                                state.unrolls)
       out[name] = {"loss": loss, **metrics,
                    **{f"grad_{i}": g for i, g in enumerate(jax.tree_util.tree_leaves(grads))}}
     return out

@@ -38,10 +38,9 @@ _JITTED = {}
 
 
 def _estimate(trainer, state, key, carry=None):
-  """trainer.estimator.estimate at state's parameters (one compilation per trainer)."""
+  """trainer.meta_gradient at state's parameters (one compilation per trainer)."""
   if trainer not in _JITTED:
-    _JITTED[trainer] = jax.jit(lambda s, k, c: trainer.estimator.estimate(
-        trainer, s.trainable, s.stats, s.pool, k, TASK, c))
+    _JITTED[trainer] = jax.jit(lambda s, k, c: trainer.meta_gradient(s.trainable, s.stats, s.pool, k, TASK, c))
   return _JITTED[trainer](state, key, state.unrolls if carry is None else carry)
 
 
