@@ -24,7 +24,11 @@ from mplp.learned import MetaParams
 class BackpropRule:
   """SGD with `learning_rate` expressed as MPLP agents (message size 1, no carry)."""
   learning_rate: float = 0.1
-  reduce = "sum"  # backprop sums the weight agents' messages over fan-out
+  has_statistics = False
+
+  def reduce_messages(self, messages, axis: int):
+    """Backprop sums the weight agents' messages (w_ij g_j) over fan-out."""
+    return jnp.sum(messages, axis=axis)
 
   def carry_sizes(self, layer):
     return {k: 0 for k in layer.kinds}
@@ -33,22 +37,29 @@ class BackpropRule:
     return MetaParams({}, ())
 
   def run(self, meta, index, layer, kind, inputs, carry):
-    """Same contract as `LearnedRule.run`; no statistics."""
-    if kind == "loss":
-      names = layer.entries["loss"]
-      pred, target = inputs[names[1]][..., 0], inputs["target"][..., 0]
-      _, vjp = jax.vjp(lambda p: layer.elementwise(p, target), pred)
-      (g,) = vjp(jnp.ones_like(pred))
-      return None, g[..., None], carry, None
-    g = inputs["message"][..., 0]
-    if kind in ("activation", "softmax"):
-      _, vjp = jax.vjp(layer.apply, inputs["input"][..., 0])
-      (out,) = vjp(g)
-      return None, out[..., None], carry, None
-    if kind == "bias":
-      return -self.learning_rate * jnp.mean(g, axis=0), g[..., None], carry, None
-    if kind == "weight":
-      w, x = inputs["value"][..., 0], inputs["input"][..., 0]
-      delta = -self.learning_rate * jnp.mean(x * g, axis=0)
-      return delta, (w * g)[..., None], carry, None
-    raise ValueError(f"BackpropRule: unknown agent kind {kind!r}")
+    """The `mplp.contracts.Rule` contract; no statistics. Returns (update or None,
+    message [..., 1], carry, None)."""
+    agents = {"loss": self._loss, "activation": self._elementwise, "softmax": self._elementwise,
+              "bias": self._bias, "weight": self._weight}
+    if kind not in agents:
+      raise ValueError(f"BackpropRule: unknown agent kind {kind!r}; allowed: {sorted(agents)}")
+    update, msg = agents[kind](layer, {k: v[..., 0] for k, v in inputs.items()})
+    return update, msg[..., None], carry, None
+
+  @staticmethod
+  def _loss(layer, x):  # dL/d(prediction), per example
+    pred, target = x[layer.predicted], x["target"]
+    _, vjp = jax.vjp(lambda p: layer.elementwise(p, target), pred)
+    return None, vjp(jnp.ones_like(pred))[0]
+
+  @staticmethod
+  def _elementwise(layer, x):  # the chain rule through the layer's function
+    _, vjp = jax.vjp(layer.apply, x["input"])
+    return None, vjp(x["message"])[0]
+
+  def _bias(self, layer, x):  # db = -lr mean_b g; the message passes through
+    return -self.learning_rate * jnp.mean(x["message"], axis=0), x["message"]
+
+  def _weight(self, layer, x):  # dW_ij = -lr mean_b x_i g_j; message w_ij g_j
+    g = x["message"]
+    return -self.learning_rate * jnp.mean(x["input"] * g, axis=0), x["value"] * g

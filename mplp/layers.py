@@ -49,7 +49,7 @@ class Dense:
   Backward: the bias agents run first on the incoming message [B, O, M]; their message
   (not the raw incoming one) is what weight agent (i, j) reads, together with W_ij and
   x_i. The weight agents' messages [B, I, O, M] are reduced over O (the rule's
-  `reduce`: mean for learned agents) to give the message [B, I, M] for the layer below.
+  `reduce_messages`: mean for learned agents) to give the message [B, I, M] for the layer below.
   """
   units: int
   kinds = ("bias", "weight")
@@ -88,9 +88,8 @@ class Dense:
         "input": _ch(x[:, :, None]),           # [B, I, 1, 1]
     }
     dw, w_msg, w_carry, w_stats = rule.run(meta, index, self, "weight", weight_in, state["w_carry"])
-    reduce = jnp.sum if rule.reduce == "sum" else jnp.mean
     new = {"w": w + dw, "b": b + db, "w_carry": w_carry, "b_carry": b_carry}
-    return new, reduce(w_msg, axis=2), {"bias": b_stats, "weight": w_stats}
+    return new, rule.reduce_messages(w_msg, axis=2), {"bias": b_stats, "weight": w_stats}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,7 +55,11 @@ class LearnedRule:
   shared: Tuple[str, ...] = ()
   out_scale: float = 0.01
   measure: bool = False
-  reduce = "mean"
+  has_statistics = True
+
+  def reduce_messages(self, messages, axis: int):
+    """Weight agents' messages are averaged over fan-out."""
+    return jnp.mean(messages, axis=axis)
 
   def __post_init__(self):
     if self.family not in ("stateful", "stateless"):

@@ -22,6 +22,7 @@ CE_EPS = 1e-7  # probabilities are clipped to [1e-7, 1 - 1e-7]
 @dataclasses.dataclass(frozen=True)
 class _Loss(_Elementwise):
   kinds = ("loss",)
+  predicted = "prediction"  # the entry that holds what the network predicted
 
   def elementwise(self, pred: Array, target: Array) -> Array:
     """Per-element loss [B, O]."""
@@ -75,6 +76,7 @@ class CrossEntropy(_Loss):
   """-target * log(clip(p)) on probabilities (put a Softmax before it); agents see
   loss, clipped probability, target, log of the clipped probability."""
   entries = {"loss": ("loss", "probability", "target", "log_probability")}
+  predicted = "probability"
 
   def elementwise(self, pred, target):
     return -target * jnp.log(jnp.clip(pred, CE_EPS, 1.0 - CE_EPS))

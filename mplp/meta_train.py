@@ -37,6 +37,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mplp import minibatch_init
+from mplp.contracts import Estimator
 from mplp.episode import Episode
 from mplp.estimators import Backprop
 from mplp.learned import MetaParams
@@ -107,7 +108,7 @@ class MetaTrainer:
   remat: bool = False
   truncation: int = 0
   mesh: Optional[Mesh] = None
-  estimator: Any = Backprop()
+  estimator: Estimator = Backprop()
 
   def __post_init__(self):
     if self.truncation and self.inner_steps % self.truncation:
@@ -142,7 +143,7 @@ class MetaTrainer:
     init = net.weights(net.init(k_init, 1)) if self.learn_init else ()
     sample = task.sample(k_task, self.inner_steps, self.batch_size, self.eval_size)
     first = init if self.learn_init else (jax.tree_util.tree_map(lambda a: a[0], pool) if pool else None)
-    if hasattr(net.rule, "measure"):  # learned rules; BackpropRule (plain MAML) has no statistics
+    if net.rule.has_statistics:  # learned rules; BackpropRule (plain MAML) has none
       meta = minibatch_init.measure(net, meta, net.init(k_net, self.batch_size, weights=first or None),
                                     sample.xs, sample.ys)
     trainable = {"rule": meta.params, "init": init}

@@ -30,7 +30,7 @@ def measure(network: Network, meta: MetaParams, state: InnerState, xs, ys) -> Me
   Returns:
     `meta` with the averaged statistics.
   """
-  if not hasattr(network.rule, "measure"):
+  if not getattr(network.rule, "has_statistics", False):
     raise ValueError(f"minibatch init needs a learned rule, got {type(network.rule).__name__}")
   measuring = dataclasses.replace(network, rule=dataclasses.replace(network.rule, measure=True))
 

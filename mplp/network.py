@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
+from mplp.contracts import Layer, Rule
 from mplp.episode import scan_steps
 from mplp.layers import Dense
 from mplp.losses import _Loss
@@ -35,11 +36,12 @@ class Network:
   Attributes:
     input_size: width of the input x [B, input_size].
     layers: e.g. (Dense(20), Activation('relu'), Dense(1), L2()).
-    rule: a `LearnedRule`, a `BackpropRule`, or anything with the same `run` contract.
+    rule: a `LearnedRule`, a `BackpropRule`, or anything that keeps the `mplp.contracts.Rule`
+      contract.
   """
   input_size: int
-  layers: Tuple[Any, ...]
-  rule: Any
+  layers: Tuple[Layer, ...]
+  rule: Rule
 
   def __post_init__(self):
     object.__setattr__(self, "layers", tuple(self.layers))
