@@ -104,13 +104,65 @@ def _restore_run(run_dir, step=None):
   return raw, state, meta
 
 
+def layer_map(trained, network) -> tuple:
+  """For each layer of `network`, the layer of the `trained` network whose per-layer
+  rule entries (agent networks not shared across layers, output scales, statistics) it
+  uses: layers are (Dense, activation) blocks and a tail (the last Dense and what follows
+  it); block j takes the trained block min(j, trained blocks - 1), the tail the trained
+  tail. The identity for the same depth; a deeper network's extra hidden blocks reuse the
+  last trained hidden block (so 144-50-50-10 runs the 144-50-10 rule). Raises
+  ConfigError where the kinds of the mapped layers differ."""
+  from mplp.layers import Dense
+  def split(net):
+    last = max(net.dense_layers)
+    return [net.layers[i:i + 2] for i in range(0, last, 2)], last, len(net.layers)
+  old_blocks, old_tail, _ = split(trained)
+  new_blocks, new_tail, n = split(network)
+  out = []
+  for i in range(n):
+    if i >= new_tail:
+      j = old_tail + (i - new_tail)
+    else:
+      j = 2 * min(i // 2, len(old_blocks) - 1) + i % 2 if old_blocks else -1
+    if not 0 <= j < len(trained.layers) or trained.layers[j].kinds != network.layers[i].kinds or (
+        isinstance(network.layers[i], Dense) != isinstance(trained.layers[j], Dense)):
+      raise config_lib.ConfigError(
+          f"network: layer {i} ({type(network.layers[i]).__name__}) has no counterpart in the rule's "
+          f"trained network {[type(l).__name__ for l in trained.layers]}; allowed: the same layers, wider, "
+          "or more (Dense, activation) blocks")
+    out.append(j)
+  return tuple(out)
+
+
+def _for_network(rule: TrainedRule, trained, network) -> TrainedRule:
+  """`rule` (trained on `trained`) with its per-layer entries arranged for `network`."""
+  if len(trained.layers) == len(network.layers):
+    return rule
+  if rule.trainable["init"]:
+    raise config_lib.ConfigError("network.hidden: a rule with a learned initialization (meta.learn_init) "
+                                 "runs only on the network it was trained with")
+  mapping = layer_map(trained, network)
+  params = rule.trainable["rule"]
+  params = {**params, "layers": tuple(params["layers"][j] for j in mapping)}
+  stats = tuple(rule.stats[j] for j in mapping)
+  return rule._replace(trainable={**rule.trainable, "rule": params}, stats=stats)
+
+
+def _trained_network(raw: dict):
+  saved = config_lib.from_dict(raw)
+  return config_lib.build_network(saved, config_lib.build_task(saved))
+
+
 def from_run(run_dir, overrides: Sequence[str] = (), step=None):
   """Checkpoint `step` (default: the newest) of a `mplp train` run; several steps: the
   average of their rules and statistics."""
   raw, state, _ = _restore_run(run_dir, step)
   cfg = _with_overrides(raw, overrides)
   task, episode = _build(cfg)
-  return cfg, episode, TrainedRule(state.trainable, state.stats), task
+  rule = TrainedRule(state.trainable, state.stats)
+  if cfg.network.hidden != config_lib.from_dict(raw).network.hidden:
+    rule = _for_network(rule, _trained_network(raw), episode.network)
+  return cfg, episode, rule, task
 
 
 def load(source: str, overrides: Sequence[str] = ()):
@@ -151,11 +203,11 @@ def from_pretrained(name: str, overrides: Sequence[str] = ()):
   path = rule_file(name)
   _, meta = checkpoint.read(path)
   raw = meta["config"]
-  saved = config_lib.from_dict(raw)
-  tree, _ = checkpoint.restore(path, _rule_template(saved, config_lib.build_network(saved, config_lib.build_task(saved))))
+  trained = _trained_network(raw)
+  tree, _ = checkpoint.restore(path, _rule_template(config_lib.from_dict(raw), trained))
   cfg = _with_overrides(json.loads(json.dumps(raw)), overrides)
   task, episode = _build(cfg)
-  return cfg, episode, TrainedRule(tree["trainable"], tree["stats"]), task
+  return cfg, episode, _for_network(TrainedRule(tree["trainable"], tree["stats"]), trained, episode.network), task
 
 
 def from_reference(path: str, experiment: str, prior: str | None = None, overrides: Sequence[str] = ()):

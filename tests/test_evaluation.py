@@ -1,6 +1,7 @@
 """Evaluation curves against an oracle: the backprop-as-agents rule with learning rate
 lr must trace exactly the curve of optax.sgd(lr) on the same tasks, weights and batches."""
 
+import chex
 import jax
 import numpy as np
 import optax
@@ -63,3 +64,22 @@ def test_a_shipped_rule_evaluates_with_only_an_episode_and_the_rule(monkeypatch,
   doc = json.loads((cli / "eval.json").read_text())
   np.testing.assert_array_equal(result["methods"]["mplp"]["accuracy"]["mean"], doc["methods"]["mplp"]["mean"])
   assert result["learning_rates"] == doc["learning_rates"]
+
+
+def test_a_rule_runs_on_deeper_networks_with_its_layers_mapped():
+  """144-50-10's rule on 144-50-50-50-10: each extra (Dense, sigmoid) block takes the
+  trained hidden block's per-layer entries, the tail (last Dense, softmax, loss) the
+  trained tail's; the same depth maps to itself. It used to stop with an IndexError."""
+  from mplp import rules
+  one, three = presets.mnist_20x8(hidden=(50,)), presets.mnist_20x8(hidden=(50, 50, 50))
+  assert rules.layer_map(one, three) == (0, 1, 0, 1, 0, 1, 2, 3, 4)
+  assert rules.layer_map(one, one) == (0, 1, 2, 3, 4)
+  assert rules.layer_map(three, one) == (0, 1, 6, 7, 8)
+  _, _, trained, _ = rules.from_pretrained("digits_20x8")
+  cfg, episode, rule, task = rules.from_pretrained("digits_20x8", ["network.hidden=[50, 50]"])
+  assert episode.network.widths == (64, 50, 50, 50, 50, 10, 10)
+  for new, old in enumerate((0, 1, 0, 1, 2, 3, 4)):
+    chex.assert_trees_all_equal(rule.stats[new], trained.stats[old])
+    chex.assert_trees_all_equal(rule.trainable["rule"]["layers"][new], trained.trainable["rule"]["layers"][old])
+  curves = evaluation.rule_curves(episode, rule.trainable, rule.stats, (), task, jax.random.split(jax.random.PRNGKey(0), 2))
+  assert np.all(np.isfinite(curves["loss"])) and curves["accuracy"].shape == (2, 21)
