@@ -40,8 +40,21 @@ def _with_start(first, rest):
   return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
 
 
+TASKS_BYTES = 2e9  # rule_curves runs at most this much inner state at once (tasks in batches)
+
+
+def tasks_at_once(episode: Episode, n: int) -> int:
+  """How many of `n` tasks `rule_curves` vmaps at once: all of them unless their inner
+  states (and about as much again for a step's working set, twice) exceed `TASKS_BYTES`
+  (a 784-100-10 network: 31 MB a task, so 16 at once, instead of 12 GB for 100 tasks)."""
+  from mplp.memory import inner_state_bytes
+  per_task = 4 * inner_state_bytes(episode.network, episode.batch_size)[0]
+  return int(max(1, min(n, TASKS_BYTES // per_task)))
+
+
 def rule_curves(episode: Episode, trainable, stats, pool, task, keys) -> Dict[str, jax.Array]:
-  """The learned rule: {metric: [N, T + 1]}."""
+  """The learned rule: {metric: [N, T + 1]} (tasks vmapped, in batches of
+  `tasks_at_once`)."""
   meta = MetaParams(trainable["rule"], stats)
 
   def one(key):
@@ -49,7 +62,10 @@ def rule_curves(episode: Episode, trainable, stats, pool, task, keys) -> Dict[st
     observe = lambda new, old, m, x, y: episode.held_out(new, sample, task.kind)
     _, after = episode.run(meta, state0, sample.xs, sample.ys, observe)
     return _with_start(episode.held_out(state0, sample, task.kind), after)
-  return jax.vmap(one)(keys)
+  at_once = tasks_at_once(episode, len(keys))
+  if at_once >= len(keys):
+    return jax.vmap(one)(keys)
+  return jax.lax.map(one, keys, batch_size=at_once)
 
 
 def _optax_curve(episode: Episode, trainable, pool, task, make_opt: Callable, lr, key) -> Dict[str, jax.Array]:

@@ -83,3 +83,23 @@ def test_a_rule_runs_on_deeper_networks_with_its_layers_mapped():
     chex.assert_trees_all_equal(rule.trainable["rule"]["layers"][new], trained.trainable["rule"]["layers"][old])
   curves = evaluation.rule_curves(episode, rule.trainable, rule.stats, (), task, jax.random.split(jax.random.PRNGKey(0), 2))
   assert np.all(np.isfinite(curves["loss"])) and curves["accuracy"].shape == (2, 21)
+
+
+def test_rule_curves_in_batches_of_tasks_equal_all_tasks_at_once(monkeypatch):
+  """A network too large for all tasks at once runs them in batches (lax.map): the same
+  curves, compared in float64 (1e-12); 5 tasks in batches of 2."""
+  with jax.enable_x64(True):
+    net = presets.mnist_20x8(hidden=(6,), input_size=64)
+    episode = Episode(net, inner_steps=3, batch_size=4, eval_size=10)
+    task = config_lib.build_task(config_lib.load("digits_20x8"))
+    meta = net.init_meta(jax.random.PRNGKey(0))
+    trainable = {"rule": meta.params, "init": ()}
+    keys = jax.random.split(jax.random.PRNGKey(1), 5)
+    whole = evaluation.rule_curves(episode, trainable, meta.stats, (), task, keys)
+    per_task = 4 * 8 * sum(a.size for a in jax.tree_util.tree_leaves(net.init(keys[0], 4)))
+    monkeypatch.setattr(evaluation, "TASKS_BYTES", 2.5 * per_task)
+    assert evaluation.tasks_at_once(episode, 5) == 2
+    batched = evaluation.rule_curves(episode, trainable, meta.stats, (), task, keys)
+    for k in whole:
+      np.testing.assert_allclose(batched[k], whole[k], rtol=1e-12, atol=1e-12)
+    assert whole["loss"].dtype == np.float64 and float(np.ptp(whole["loss"])) > 0
