@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Dict, Sequence, Tuple
 
 from mplp import datasets, presets
+from mplp.estimators import ESTIMATORS
 from mplp.layers import ACTIVATIONS
+from mplp.optim import OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -65,7 +67,7 @@ class TaskConfig:
 @dataclasses.dataclass(frozen=True)
 class MetaConfig:
   outer_batch: int = _f(4, lo=1)
-  optimizer: str = _f("adam", choices=("adam", "adamw", "rmsprop", "sgd"))
+  optimizer: str = _f("adam", choices=tuple(sorted(OPTIMIZERS)))
   learning_rate: float = _f(1e-4, lo=0.0, lo_open=True)
   lr_drop_step: int = _f(0, lo=0, doc="0: constant learning rate")
   lr_after_drop: float = _f(1e-4, lo=0.0, lo_open=True)
@@ -79,7 +81,7 @@ class MetaConfig:
   pool_size: int = _f(128, lo=0, doc="pre-sampled initial networks (0: fresh per task)")
   remat: bool = _f(False, doc="recompute each inner step in the backward pass (agent slices always are)")
   truncation: int = _f(0, lo=0, doc="inner steps per meta-gradient window (0: whole unroll)")
-  estimator: str = _f("backprop", choices=("backprop", "truncated", "es", "pes"),
+  estimator: str = _f("backprop", choices=ESTIMATORS,
                       doc="meta-gradient: backprop / es over whole unrolls; truncated / pes over "
                           "windows of meta.truncation steps (mplp.estimators)")
   es_sigma: float = _f(0.01, lo=0.0, lo_open=True, doc="es/pes: perturbation std")
@@ -336,6 +338,8 @@ def build_trainer(c: Config, network):
   optimizer = outer_optimizer(m.optimizer, m.learning_rate, m.per_tensor_norm,
                               m.clip_global_norm, m.lr_drop_step, m.lr_after_drop)
   loss = OuterLoss(m.hint_weight, m.heldout_weight, m.remember_weight, m.update_l2_weight)
-  return MetaTrainer(network, optimizer, c.task.inner_steps, c.task.batch_size, c.task.eval_size,
-                     m.outer_batch, loss, m.learn_init, m.pool_size, m.remat, m.truncation, mesh,
-                     estimators.make(m.estimator, m.es_sigma, m.es_pairs))
+  return MetaTrainer(network, optimizer, inner_steps=c.task.inner_steps, batch_size=c.task.batch_size,
+                     eval_size=c.task.eval_size, outer_batch=m.outer_batch, loss=loss,
+                     learn_init=m.learn_init, pool_size=m.pool_size, remat=m.remat,
+                     truncation=m.truncation, mesh=mesh,
+                     estimator=estimators.make(m.estimator, m.es_sigma, m.es_pairs))
