@@ -249,3 +249,30 @@ def test_eval_progress_goes_to_a_terminal_never_to_a_redirected_file(tmp_path):
   assert b"\r" in terminal  # a live bar
   res = subprocess.run(cmd + ["--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
   assert res.returncode == 0 and "\r" not in res.stdout + res.stderr and "mplp eval:" not in res.stderr
+
+
+def test_the_cli_keeps_compiled_programs_for_the_next_run(tmp_path, monkeypatch):
+  """Without JAX_COMPILATION_CACHE_DIR, `mplp` caches XLA programs in
+  $XDG_CACHE_HOME/mplp/xla: the second identical eval adds no program (every one loaded,
+  none compiled) and writes the same numbers; MPLP_NO_CACHE=1 writes none."""
+  import os
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+  cmd = [sys.executable, "-m", "mplp.cli", "eval", "--pretrained", "sinusoid_5x10", "--tasks", "2",
+         "--tune-tasks", "1", "--optimizers", "sgd"]
+  cache = tmp_path / "cache" / "mplp" / "xla"
+  found = []
+  for run in ("a", "b"):
+    res = subprocess.run(cmd + ["--out", str(tmp_path / run)], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    found.append(sorted(p.name for p in cache.iterdir()))
+  assert found[0] and found[1] == found[0]
+  a, b = (json.loads((tmp_path / r / "eval.json").read_text())["methods"] for r in ("a", "b"))
+  assert a == b
+  from mplp import cli
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "none"))
+  monkeypatch.setenv("MPLP_NO_CACHE", "1")
+  assert cli._compilation_cache() is None and not (tmp_path / "none").exists()
