@@ -22,13 +22,12 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
 
 import jax
 
-from mplp import checkpoint, config as config_lib, distributed, evaluation, memory, progress as progress_lib, report
+from mplp import (checkpoint, config as config_lib, distributed, evaluation, memory, progress as progress_lib,
+                  report, tracking)
 from mplp.tasks import Sinusoid, jit_with_task
-from mplp import tracking
 from mplp.tracking import MetricsLog, start_wandb
 
 

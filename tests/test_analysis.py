@@ -6,7 +6,6 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mplp import analysis, config as config_lib, datasets, rules
 from mplp.backprop import BackpropRule

@@ -298,7 +298,7 @@ def test_wandb_offline_run_and_online_fallback(tmp_path, monkeypatch, capsys):
   t = time.perf_counter()
   assert main(["eval", f"wandb:me/mplp/rule-{run_id}:best"]) == 2
   err = capsys.readouterr().err
-  assert f"WANDB_MODE is 'offline', so W&B artifacts cannot be read; download it where W&B is reachable " in err
+  assert "WANDB_MODE is 'offline', so W&B artifacts cannot be read; download it where W&B is reachable " in err
   assert f"(`wandb artifact get me/mplp/rule-{run_id}:best`)" in err and time.perf_counter() - t < 10
   monkeypatch.delenv("WANDB_MODE")
   with pytest.raises(config_lib.ConfigError, match="a W&B rule is wandb:ENTITY/PROJECT/NAME"):
