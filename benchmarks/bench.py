@@ -105,7 +105,7 @@ def run_meta_step(name: str, repeats: int) -> dict:
   steps of 8) on synthetic 144-feature data (no download)."""
   import jax
   import jax.numpy as jnp
-  from mplp import config as config_lib
+  from mplp.host import config as config_lib
   from mplp.tasks import jit_with_task
   if name == "sinusoid_meta_step":
     cfg = config_lib.load("sinusoid_5x10")
@@ -150,7 +150,7 @@ def run_meta_grad(name: str, repeats: int) -> dict:
   (`mnist_meta_grad_T{T}`) or 784-100-10 (`mnist784_meta_grad_T{T}`), with per-step
   rematerialization unless the name ends in `_noremat`. Memory is the process's peak RSS."""
   import jax
-  from mplp import config as config_lib
+  from mplp.host import config as config_lib
   from mplp.tasks import jit_with_task
   shape, rest = name.split("_meta_grad_T")
   steps = int(rest.split("_")[0])
@@ -182,7 +182,8 @@ def run_devices(name: str, repeats: int) -> dict:
   """`sinusoid_meta_step` (4 tasks) with the outer batch split over N forced CPU devices
   (`devices_N`; the parent sets XLA_FLAGS for the child)."""
   import jax
-  from mplp import config as config_lib, distributed
+  from mplp import distributed
+  from mplp.host import config as config_lib
   from mplp.tasks import jit_with_task
   n = int(name.split("_")[1])
   cfg = config_lib.load("sinusoid_5x10", [f"run.devices={n}"])
@@ -211,7 +212,7 @@ def run_train(name: str, repeats: int) -> dict:
     env["XDG_CACHE_HOME"] = d + "/cache"  # empty: the first run compiles everything
     walls = []
     for run, n in (("run", steps), ("again", 2)):
-      cmd = [sys.executable, "-m", "mplp.cli", "train", "sinusoid_5x10", "--steps", str(n), "--out", f"{d}/{run}",
+      cmd = [sys.executable, "-m", "mplp.host.cli", "train", "sinusoid_5x10", "--steps", str(n), "--out", f"{d}/{run}",
              "--wandb", "disabled", "--no-progress", "--set", "run.eval_tasks=0", "--set", "run.log_every=1"]
       t = time.perf_counter()
       subprocess.run(cmd, check=True, capture_output=True, env=env)

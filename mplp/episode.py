@@ -20,7 +20,8 @@ runs that draw initial networks from a pool, that pool.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+import math
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -94,3 +95,14 @@ class Episode:
       pred = net.forward(state, sample.x_eval)
       out["accuracy"] = jnp.mean(jnp.argmax(pred, -1) == jnp.argmax(sample.y_eval, -1))
     return out
+
+
+def _bytes(tree) -> int:
+  return sum(math.prod(s.shape) * s.dtype.itemsize for s in jax.tree_util.tree_leaves(tree))
+
+
+def inner_state_bytes(network, batch: int) -> Tuple[int, int]:
+  """(bytes of one inner network's state: weights and every agent's carry for `batch`
+  examples, bytes of its weights alone), from shapes only."""
+  shapes = jax.eval_shape(lambda k: network.init(k, batch), jax.random.PRNGKey(0))
+  return _bytes(shapes), _bytes(network.weights(shapes))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mplp.episode import Episode, scan_steps
+from mplp.episode import Episode, inner_state_bytes, scan_steps
 from mplp.learned import MetaParams
 
 LR_GRIDS = {
@@ -47,7 +47,6 @@ def tasks_at_once(episode: Episode, n: int) -> int:
   """How many of `n` tasks `rule_curves` vmaps at once: all of them unless their inner
   states (and about as much again for a step's working set, twice) exceed `TASKS_BYTES`
   (a 784-100-10 network: 31 MB a task, so 16 at once, instead of 12 GB for 100 tasks)."""
-  from mplp.memory import inner_state_bytes
   per_task = 4 * inner_state_bytes(episode.network, episode.batch_size)[0]
   return int(max(1, min(n, TASKS_BYTES // per_task)))
 

@@ -2,7 +2,7 @@
 
 `MetaTrainer` is static configuration; `TrainState` is everything that changes (and
 everything a checkpoint holds). `trainer.step(state, task) -> (state, metrics)` is pure:
-`jax.jit` it once and call it in a host loop (see `mplp.train`).
+`jax.jit` it once and call it in a host loop (see `mplp.host.train`).
 
 Per task (`task_loss`): start the task's `mplp.episode.Episode` (its initial inner weights
 a draw from the pool of pre-sampled networks, or the learned initialization), run its T

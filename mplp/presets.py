@@ -1,7 +1,7 @@
 """The networks and rules of the three published experiments.
 
 Each preset returns a `Network` (inner architecture + rule); the task and outer-loop
-settings live with the meta-training configs (`mplp/configs/*.toml`). The hidden widths
+settings live with the meta-training configs (`mplp/host/configs/*.toml`). The hidden widths
 and the activation may be changed (e.g. a step activation, or a bigger network for a
 transfer experiment); the defaults are the published ones.
 """

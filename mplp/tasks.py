@@ -9,7 +9,7 @@ so the arrays are passed to compiled code as arguments instead of baked in as co
 
 Built in: `Sinusoid` (the paper's regression tasks) and `Classification` (inner batches
 from a train split, held-out batches from the test split of an `ArrayDataset`, see
-`mplp.datasets`).
+`mplp.host.datasets`).
 """
 
 from __future__ import annotations

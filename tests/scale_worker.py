@@ -18,7 +18,8 @@ import sys
 import jax
 import numpy as np
 
-from mplp import config as config_lib, distributed
+from mplp import distributed
+from mplp.host import config as config_lib
 from mplp.estimators import ES, Backprop
 from mplp.meta_train import MetaTrainer
 from mplp.tasks import jit_with_task

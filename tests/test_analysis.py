@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mplp import analysis, config as config_lib, datasets, rules
+from mplp import analysis
+from mplp.host import config as config_lib, datasets, rules
 from mplp.backprop import BackpropRule
-from mplp.cli import main
+from mplp.host.cli import main
 from mplp.layers import Activation, Dense, Softmax
 from mplp.losses import CrossEntropy, L2
 from mplp.episode import Episode

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from mplp import checkpoint, config as config_lib
+from mplp.host import checkpoint, config as config_lib
 from mplp.optim import normalize_per_tensor
 
 
@@ -131,7 +131,7 @@ def test_a_non_editable_install_trains_a_shipped_config_from_any_directory(tmp_p
   work = tmp_path / "elsewhere"
   work.mkdir()
   env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
-  code = ("import mplp, sys; from mplp.cli import main; print(mplp.__file__); "
+  code = ("import mplp, sys; from mplp.host.cli import main; print(mplp.__file__); "
           "sys.exit(main(['train', 'sinusoid_5x10', '--steps', '0', '--no-progress', '--out', 'run', "
           "'--set', 'run.eval_tasks=0', '--set', 'meta.outer_batch=1', '--set', 'meta.pool_size=2']))")
   res = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True)
@@ -139,3 +139,16 @@ def test_a_non_editable_install_trains_a_shipped_config_from_any_directory(tmp_p
   assert res.stdout.splitlines()[0] == str(tmp_path / "site" / "mplp" / "__init__.py")
   saved = json.loads((work / "run" / "config.json").read_text())
   assert saved["network"]["preset"] == "sinusoid_5x10" and (work / "run" / "metrics.jsonl").exists()
+
+
+def test_the_library_imports_nothing_of_the_job_side():
+  """Every module of `mplp/` imported (a fresh interpreter): no `mplp.host` module loads."""
+  import subprocess
+  import sys
+  library = sorted(p.stem for p in Path(config_lib.__file__).resolve().parents[1].glob("*.py") if p.stem != "__init__")
+  assert {"episode", "evaluation", "meta_train", "network"} <= set(library) and "config" not in library
+  code = (f"import importlib, sys; [importlib.import_module('mplp.' + m) for m in {library!r}]; "
+          "print(sorted(m for m in sys.modules if m.startswith('mplp.host')))")
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert res.returncode == 0, res.stderr
+  assert res.stdout.strip() == "[]"

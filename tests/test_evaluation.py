@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from mplp import BackpropRule, config as config_lib, evaluation, presets
+from mplp import BackpropRule, evaluation, presets
+from mplp.host import config as config_lib
 from mplp.episode import Episode, TrainedRule
 from mplp.network import Network
 from mplp.tasks import Sinusoid
@@ -48,8 +49,9 @@ def test_a_shipped_rule_evaluates_with_only_an_episode_and_the_rule(monkeypatch,
   those three made to fail, the rule loads (an `Episode` and a `TrainedRule`), compares
   against tuned SGD, and its curve equals the one the CLI writes for the same seed."""
   import json
-  from mplp import distributed, optim, rules
-  from mplp.cli import main
+  from mplp import distributed, optim
+  from mplp.host import rules
+  from mplp.host.cli import main
   cli = tmp_path / "cli"
   assert main(["eval", "--pretrained", "digits_20x8", "--tasks", "3", "--tune-tasks", "2", "--optimizers", "sgd",
                "--no-progress", "--out", str(cli)]) == 0
@@ -70,7 +72,7 @@ def test_a_rule_runs_on_deeper_networks_with_its_layers_mapped():
   """144-50-10's rule on 144-50-50-50-10: each extra (Dense, sigmoid) block takes the
   trained hidden block's per-layer entries, the tail (last Dense, softmax, loss) the
   trained tail's; the same depth maps to itself. It used to stop with an IndexError."""
-  from mplp import rules
+  from mplp.host import rules
   one, three = presets.mnist_20x8(hidden=(50,)), presets.mnist_20x8(hidden=(50, 50, 50))
   assert rules.layer_map(one, three) == (0, 1, 0, 1, 0, 1, 2, 3, 4)
   assert rules.layer_map(one, one) == (0, 1, 2, 3, 4)

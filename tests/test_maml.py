@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mplp import config as config_lib
+from mplp.host import config as config_lib
 from mplp.tasks import jit_with_task
 
 

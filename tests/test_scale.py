@@ -14,7 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from mplp import config as config_lib, evaluation
+from mplp import evaluation
+from mplp.host import config as config_lib
 from mplp.tasks import jit_with_task
 
 WORKER = str(Path(__file__).with_name("scale_worker.py"))

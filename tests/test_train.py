@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mplp import checkpoint, config as config_lib, evaluation
-from mplp.cli import main
+from mplp import evaluation
+from mplp.host import checkpoint, config as config_lib
+from mplp.host.cli import main
 from mplp.tasks import Sinusoid, jit_with_task
-from mplp.train import RunError, train
+from mplp.host.train import RunError, train
 
 # A small, fast job: the MAML-style sinusoid experiment with 2 tasks per meta-step.
 TINY = ["meta.outer_batch=2", "run.eval_tasks=0", "run.log_every=1", "meta.learning_rate=3e-3",
@@ -51,7 +52,7 @@ def test_meta_training_improves_held_out_loss():
 
 
 def _cli(out, *args):
-  cmd = [sys.executable, "-m", "mplp.cli", "train", "maml_sinusoid_2x10", "--out", str(out),
+  cmd = [sys.executable, "-m", "mplp.host.cli", "train", "maml_sinusoid_2x10", "--out", str(out),
          "--no-progress", *sum((["--set", s] for s in TINY), []), *args]
   return cmd
 
@@ -180,7 +181,7 @@ def test_warm_start_from_a_run(tmp_path, capsys, finished_run):
 
 
 def _restored(out, cfg):
-  from mplp import rules
+  from mplp.host import rules
   return checkpoint.restore(checkpoint.latest(out / "checkpoints"), rules._state_template(cfg))[0]
 
 
@@ -260,7 +261,7 @@ def test_wandb_offline_run_and_online_fallback(tmp_path, monkeypatch, capsys):
   table, and the rule as a model artifact at each checkpoint (`rule.npz` in its manifest,
   whose staged file holds the checkpoint's rule and evaluates with `mplp eval`); a
   `wandb:` reference is refused at once offline; --wandb disabled writes nothing of W&B."""
-  from mplp import rules, tracking
+  from mplp.host import rules, tracking
   monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))  # artifact staging
   cfg = config_lib.load("maml_sinusoid_2x10", TINY + ["run.steps=3", "run.eval_tasks=2", "run.tune_tasks=2",
                                                       "run.checkpoint_every=2", "run.wandb_checkpoints=true"])
@@ -468,11 +469,11 @@ def test_damaged_files_and_unwritable_outputs_get_one_line_errors(tmp_path, caps
 
 
 def test_memory_estimate_is_a_lower_bound_of_xla_and_refuses_what_cannot_fit(tmp_path, capsys):
-  """`mplp.memory`'s estimate for the digits meta-step is below what XLA's compiled
+  """`mplp.host.memory`'s estimate for the digits meta-step is below what XLA's compiled
   program holds (arguments, temporaries, outputs) but of its size (unroll-dominated:
   within 2x); sizes a million times too large are refused before anything compiles or is
   written, naming the key; --force gets past the check."""
-  from mplp import memory
+  from mplp.host import memory
   cfg = config_lib.load("digits_20x8", ["meta.pool_size=2"])
   task = config_lib.build_task(cfg)
   net = config_lib.build_network(cfg, task)

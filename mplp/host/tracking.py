@@ -191,7 +191,7 @@ def download_rule(ref: str) -> Path:
   """The rule file of a W&B model artifact "wandb:ENTITY/PROJECT/NAME[:ALIAS]" (alias
   default `latest`), downloaded into W&B's artifact cache. Refused at once, with what to
   do instead, where it cannot be read: offline mode, no API key, no reachable server."""
-  from mplp.config import ConfigError
+  from mplp.host.config import ConfigError
   name = ref[len("wandb:"):]
   if name.count("/") != 2 or not all(name.split("/")):
     raise ConfigError(f"{ref!r}: a W&B rule is wandb:ENTITY/PROJECT/NAME[:ALIAS], e.g. "

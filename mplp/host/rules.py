@@ -6,8 +6,8 @@ initialization, and a `TrainedRule`), with config overrides applied (for transfe
 another activation, other widths, another data set). Only a run directory's checkpoint
 (a whole `TrainState`) needs the trainer's shapes; nothing else builds an outer optimizer.
 
-A shipped rule is `mplp/pretrained/NAME.npz` in the checkpoint format (see
-`mplp.checkpoint`) holding `{"trainable", "stats"}` and the config it was trained with.
+A shipped rule is `mplp/host/pretrained/NAME.npz` in the checkpoint format (see
+`mplp.host.checkpoint`) holding `{"trainable", "stats"}` and the config it was trained with.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from mplp import checkpoint, config as config_lib, reference
+from mplp import reference
+from mplp.host import checkpoint, config as config_lib
 from mplp.episode import TrainedRule
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
@@ -186,7 +187,7 @@ def rule_file(name: str) -> Path:
   writes to DIR/rule.npz and to its W&B model artifact), or `wandb:ENTITY/PROJECT/NAME:ALIAS`
   (downloaded from W&B; refused at once where no server can be reached)."""
   if name.startswith("wandb:"):
-    from mplp import tracking
+    from mplp.host import tracking
     return tracking.download_rule(name)
   if Path(name).is_file():
     return Path(name)

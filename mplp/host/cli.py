@@ -7,7 +7,7 @@
     mplp analyze (RUN_DIR | --pretrained NAME | --reference PATH.npy --experiment NAME) [--tasks N] ...
     mplp transfer EVAL_DIR [EVAL_DIR ...] [--out TABLE.md]
 
-EXPERIMENT names a config in `mplp/configs/` (sinusoid_5x10, maml_sinusoid_2x10,
+EXPERIMENT names a config in `mplp/host/configs/` (sinusoid_5x10, maml_sinusoid_2x10,
 digits_20x8, mnist_20x8, ...) or is a path to a `.toml`. Bad input ends with one line
 `mplp: error: ...` (exit status 2) and leaves existing outputs as they were.
 """
@@ -18,10 +18,10 @@ import argparse
 import sys
 import warnings
 
-from mplp.checkpoint import CheckpointError
-from mplp.config import SEED_MAX, ConfigError
-from mplp.datasets import DataError, DataUnavailableError
-from mplp.tracking import WANDB_MODES
+from mplp.host.checkpoint import CheckpointError
+from mplp.host.config import SEED_MAX, ConfigError
+from mplp.host.datasets import DataError, DataUnavailableError
+from mplp.host.tracking import WANDB_MODES
 
 USER_ERRORS = (ConfigError, DataError, DataUnavailableError, CheckpointError)
 
@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest="command", required=True)
   t = sub.add_parser("train", help="meta-train a learning rule",
                      description="Meta-train a learning rule as an experiment config says.")
-  t.add_argument("experiment", help="a shipped config name (mplp/configs/) or a path to a .toml")
+  t.add_argument("experiment", help="a shipped config name (mplp/host/configs/) or a path to a .toml")
   t.add_argument("--steps", type=int, help="meta-steps (run.steps)")
   t.add_argument("--seed", type=int, help="run.seed")
   t.add_argument("--out", help="output directory (default runs/EXPERIMENT-seedS)")
@@ -96,7 +96,7 @@ def _load_source(a):
   place of RUN_DIR) or the authors' weights."""
   import re
   from pathlib import Path
-  from mplp import rules
+  from mplp.host import rules
   if a.reference:
     if not a.experiment:
       raise ConfigError(f"--experiment is required with --reference; known: {list(rules.PUBLISHED)}")
@@ -117,8 +117,8 @@ def _load_source(a):
 
 def _train(a) -> int:
   from pathlib import Path
-  from mplp import config as config_lib
-  from mplp.train import train
+  from mplp.host import config as config_lib
+  from mplp.host.train import train
   overrides = list(a.overrides)
   if a.steps is not None:
     overrides.append(f"run.steps={a.steps}")
@@ -164,7 +164,8 @@ def _writable_dir(path: str) -> str:
 def _eval(a) -> int:
   import dataclasses
   import jax
-  from mplp import evaluation, progress, report
+  from mplp import evaluation
+  from mplp.host import progress, report
   from mplp.tasks import Sinusoid
   if a.tasks < 2 or a.tune_tasks < 1:
     raise ConfigError(f"--tasks must be >= 2 and --tune-tasks >= 1, got {a.tasks} and {a.tune_tasks}")
@@ -197,7 +198,7 @@ def _eval(a) -> int:
   out = report.write(result, out_dir, task.kind, cfg.to_dict(), fits)
   print((out / "eval.md").read_text())
   if a.wandb != "disabled":
-    from mplp import tracking
+    from mplp.host import tracking
     run = tracking.start_wandb(a.wandb, out, {**cfg.to_dict(), "eval": vars(a)}, cfg.run.wandb_project)
     metric = report.primary_metric(task.kind)
     for t in range(episode.inner_steps + 1):
@@ -214,7 +215,7 @@ def _eval(a) -> int:
 def _against(source, cfg, overrides):
   """(name, episode, rule) of another trained rule whose task config equals `cfg`'s."""
   from pathlib import Path
-  from mplp import rules
+  from mplp.host import rules
   try:
     other_cfg, episode, rule, _ = rules.load(source, overrides)
   except ConfigError as e:
@@ -231,7 +232,8 @@ def _against(source, cfg, overrides):
 
 def _analyze(a) -> int:
   import jax
-  from mplp import analysis, progress, report
+  from mplp import analysis
+  from mplp.host import progress, report
   from mplp.tasks import jit_with_task
   if a.tasks < 1:
     raise ConfigError(f"--tasks must be >= 1, got {a.tasks}")
@@ -248,7 +250,7 @@ def _analyze(a) -> int:
   out = report.write_analysis(summary, out_dir, a.tasks, cfg.to_dict())
   print((out / "analysis.md").read_text())
   if a.wandb != "disabled":
-    from mplp import tracking
+    from mplp.host import tracking
     run = tracking.start_wandb(a.wandb, out, {**cfg.to_dict(), "analyze": vars(a)}, cfg.run.wandb_project)
     for t in range(episode.inner_steps):
       run.log({f"{layer}/{m}": v["mean"][t] for layer, per in summary.items() for m, v in per.items()
@@ -262,7 +264,7 @@ def _analyze(a) -> int:
 
 def _transfer(a) -> int:
   from pathlib import Path
-  from mplp import report
+  from mplp.host import report
   try:
     text = report.transfer_table(a.eval_dirs)
   except (FileNotFoundError, ValueError) as e:
@@ -321,7 +323,7 @@ def main(argv=None) -> int:
 
 
 def _main(a) -> int:
-  from mplp.train import RunError
+  from mplp.host.train import RunError
   try:
     if a.command == "train":
       return _train(a)
@@ -345,7 +347,7 @@ def _interrupted(a, terminated: bool = False):
   threads it crashed (exit 139)."""
   import os
   from pathlib import Path
-  from mplp import checkpoint
+  from mplp.host import checkpoint
   msg = "mplp: terminated (SIGTERM)" if terminated else "mplp: interrupted"
   run_dir = getattr(a, "run_dir", None)
   if a.command == "train" and run_dir is not None:

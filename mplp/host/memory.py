@@ -12,14 +12,13 @@ is never a false alarm for the memory it counts; `force` skips the check.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Dict, NamedTuple, Optional, Tuple
 
-import jax
 import jax.numpy as jnp
 
-from mplp.config import ConfigError
+from mplp.episode import inner_state_bytes
+from mplp.host.config import ConfigError
 
 
 class Part(NamedTuple):
@@ -29,17 +28,6 @@ class Part(NamedTuple):
 
 def _gb(n: float) -> str:
   return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-def _bytes(tree) -> int:
-  return sum(math.prod(s.shape) * s.dtype.itemsize for s in jax.tree_util.tree_leaves(tree))
-
-
-def inner_state_bytes(network, batch: int) -> Tuple[int, int]:
-  """(bytes of one inner network's state: weights and every agent's carry for `batch`
-  examples, bytes of its weights alone), from shapes only."""
-  shapes = jax.eval_shape(lambda k: network.init(k, batch), jax.random.PRNGKey(0))
-  return _bytes(shapes), _bytes(network.weights(shapes))
 
 
 def estimate(cfg, network) -> Dict[str, Part]:

@@ -3,7 +3,7 @@ logs, checkpoints, resumes, and ends with a comparison against tuned SGD and Ada
 
     DIR/config.json       the resolved config (a resumed run must match it)
     DIR/metrics.jsonl     one line per logged meta-step
-    DIR/checkpoints/      ckpt_XXXXXXXX.npz (see mplp.checkpoint)
+    DIR/checkpoints/      ckpt_XXXXXXXX.npz (see mplp.host.checkpoint)
     DIR/final_eval.json   held-out curves of the rule, SGD and Adam (if run.eval_tasks > 0)
     DIR/wandb/            the W&B run (offline or online mode)
 
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import jax
 
-from mplp import (checkpoint, config as config_lib, distributed, evaluation, memory, progress as progress_lib,
-                  report, tracking)
+from mplp import distributed, evaluation
+from mplp.host import checkpoint, config as config_lib, memory, progress as progress_lib, report, tracking
 from mplp.tasks import Sinusoid, jit_with_task
-from mplp.tracking import MetricsLog, start_wandb
+from mplp.host.tracking import MetricsLog, start_wandb
 
 
 class RunError(RuntimeError):
@@ -127,7 +127,7 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
     task: use this task object instead of the one the config names (Python API: a
       user's own `Task`).
     log: where human-readable lines go.
-    force: skip the memory check (`mplp.memory`) made before anything compiles.
+    force: skip the memory check (`mplp.host.memory`) made before anything compiles.
   Returns:
     {"state": final TrainState, "final_eval": dict or None, "metrics": last logged}.
   """
@@ -179,7 +179,7 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
     log("sampling the initial networks and measuring the agents' statistics (compiling)...")
   state = distributed.to_host(jit_with_task(trainer.init, task)(jax.random.PRNGKey(cfg.run.seed)))
   if cfg.meta.init_rule and latest is None:  # read (and refuse) before anything is written
-    from mplp import rules
+    from mplp.host import rules
     trainable, stats = rules.warm_start(cfg.meta.init_rule, state.trainable, state.stats)
     state = state._replace(trainable=trainable, stats=stats, opt_state=trainer.optimizer.init(trainable))
     log(f"rule and statistics from {cfg.meta.init_rule}")
@@ -314,7 +314,7 @@ class RuleVersions:
   def log(self, step: int):
     if self.wb is None or checkpoint.latest(self.out / "checkpoints") is None:
       return
-    from mplp import rules
+    from mplp.host import rules
     path = rules.save_pretrained(self.out, "rule", directory=self.out, step=step)
     score = sum(self.window) / len(self.window) if self.window else float("inf")
     aliases = ["latest", f"step-{step}"]

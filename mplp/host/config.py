@@ -20,7 +20,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Dict, Sequence, Tuple
 
-from mplp import datasets, presets
+from mplp import presets
+from mplp.host import datasets
 from mplp.estimators import ESTIMATORS
 from mplp.layers import ACTIVATIONS
 from mplp.optim import OPTIMIZERS
@@ -234,7 +235,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the shipped configs,
 
 def experiment_path(name_or_path: str) -> Path:
   """`NAME`: `./experiments/NAME.toml` (a user's own, next to the working directory) or
-  the shipped `mplp/configs/NAME.toml` (inside the package, so found after any install);
+  the shipped `mplp/host/configs/NAME.toml` (inside the package, so found after any install);
   or an existing file path."""
   p = Path(name_or_path)
   if p.suffix == ".toml" or os.sep in name_or_path:
