@@ -116,7 +116,7 @@ def _nan_to_none(a) -> list:
   return [None if np.isnan(v) else float(v) for v in a]
 
 
-def summarize(curves, names) -> Dict[str, Dict[str, Dict[str, list]]]:
+def layer_summary(curves, names) -> Dict[str, Dict[str, Dict[str, list]]]:
   """{layer: {metric: {"mean": [T], "sd": [T]}}} over tasks (NaN-aware; None where every
   task is NaN; metrics that do not apply to a layer are left out)."""
   out = {}

@@ -115,7 +115,7 @@ def _final_score(curves, kind):
   return jnp.where(jnp.isfinite(score), score, jnp.inf)
 
 
-def summarize(curve) -> Dict[str, list]:
+def curve_summary(curve) -> Dict[str, list]:
   """[N, T + 1] -> per-step mean, sd and 95% interval half-width of the mean."""
   c = np.asarray(curve, np.float64)
   sd = c.std(axis=0, ddof=1) if len(c) > 1 else np.zeros(c.shape[1])
@@ -148,7 +148,7 @@ def compare(episode: Episode, rule, task, key, n_tasks: int, tune_tasks: int,
   for name, ep, st in (("mplp", episode, rule), *others):
     on_phase(f"{name} on {n_tasks} tasks")
     curves = jax.jit(lambda keys, ep=ep, st=st: rule_curves(ep, st.trainable, st.stats, st.pool, task, keys))(eval_keys)
-    methods[name] = {m: summarize(c) for m, c in curves.items()}
+    methods[name] = {m: curve_summary(c) for m, c in curves.items()}
   chosen = {}
   grids = {name: LR_GRIDS.get(name, DEFAULT_GRID) for name in optimizers}
   for name in optimizers:
@@ -163,7 +163,7 @@ def compare(episode: Episode, rule, task, key, n_tasks: int, tune_tasks: int,
     lr = grid[int(jnp.argmin(_final_score(tuned, task.kind)))]
     chosen[name] = lr
     best = run(np.full(n_tasks, lr), eval_keys, length)
-    methods[f"{name}(lr={lr:g})"] = {m: summarize(c) for m, c in best.items()}
+    methods[f"{name}(lr={lr:g})"] = {m: curve_summary(c) for m, c in best.items()}
   return {"methods": methods, "learning_rates": chosen, "grids": {n: list(g) for n, g in grids.items()},
           "tasks": n_tasks, "tune_tasks": tune_tasks}
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mplp import analysis
-from mplp.host import config as config_lib, datasets, rules
+from mplp.host import config as config_lib, datasets, sources
 from mplp.backprop import BackpropRule
 from mplp.host.cli import main
 from mplp.layers import Activation, Dense, Softmax
@@ -97,7 +97,7 @@ def test_analyze_command_writes_the_report_and_logs_to_wandb(tmp_path):
 
 def test_analyze_refuses_bad_input(tmp_path, capsys):
   assert main(["analyze", "--pretrained", "nope", "--out", str(tmp_path / "a")]) == 2
-  assert f"unknown rule 'nope'; shipped: {rules.shipped()}" in capsys.readouterr().err
+  assert f"unknown rule 'nope'; shipped: {sources.shipped()}" in capsys.readouterr().err
   assert main(["analyze", "--pretrained", "sinusoid_5x10", "--tasks", "0"]) == 2
   assert "--tasks must be >= 1" in capsys.readouterr().err
   assert not (tmp_path / "a").exists()

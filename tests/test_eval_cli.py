@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from mplp import evaluation
-from mplp.host import checkpoint, config as config_lib, rules
+from mplp.host import checkpoint, config as config_lib, sources
 from mplp.host.cli import main
 from mplp.host.train import train
 
@@ -93,7 +93,7 @@ def test_eval_refuses_bad_sources(tmp_path, capsys):
   err = _error(capsys, ["eval", "--reference", str(wrong), "--experiment", "cifar"])
   assert "unknown experiment 'cifar'; known: ['sinusoid_5x10', 'maml_sinusoid_2x10', 'mnist_20x8']" in err
   err = _error(capsys, ["eval", "--pretrained", "nope"])
-  assert f"unknown rule 'nope'; shipped: {rules.shipped()}" in err
+  assert f"unknown rule 'nope'; shipped: {sources.shipped()}" in err
   err = _error(capsys, ["eval", "--reference", str(wrong), "--experiment", "maml_sinusoid_2x10"])
   assert "--reference-prior" in err
   err = _error(capsys, ["eval", str(tmp_path), "--optimizers", "sgdd"])
@@ -115,9 +115,9 @@ def test_reports_are_strict_json():
       "mean": [0.5, None, None], "n": 3}
 
 
-@pytest.mark.skipif(not rules.shipped(), reason="no rule shipped yet")
+@pytest.mark.skipif(not sources.shipped(), reason="no rule shipped yet")
 def test_every_shipped_rule_evaluates(tmp_path):
-  for name in rules.shipped():
+  for name in sources.shipped():
     doc, _ = _eval(tmp_path / name, "--pretrained", name, "--tasks", "8", "--tune-tasks", "2")
     curve = doc["methods"]["mplp"]["mean"]
     sign = 1 if doc["metric"] == "loss" else -1  # lower loss, or higher accuracy, is better
@@ -137,7 +137,7 @@ def test_eval_against_plain_maml_equals_sgd_from_its_learned_init(tmp_path, caps
                  "--tasks", "6", "--tune-tasks", "2", "--optimizers", "adam")
   ours, again = doc["methods"]["mplp"], doc["methods"]["maml"]
   assert ours == again
-  _, episode, rule, task = rules.from_run(tmp_path / "maml")
+  _, episode, rule, task = sources.from_run(tmp_path / "maml")
   task = dataclasses.replace(task, eval_grid=True)
   keys = jax.random.split(jax.random.split(jax.random.PRNGKey(0))[0], 6)
   sgd = evaluation.optax_curves(episode, rule.trainable, (), task, keys, optax.sgd, (cfg.network.inner_lr,))
@@ -175,21 +175,21 @@ def test_step_picks_a_kept_checkpoint_for_eval_and_shipping(tmp_path, capsys):
                                                "run.keep_checkpoints=5"])
   run = tmp_path / "run"
   train(cfg, run, progress=False)
-  first, _ = checkpoint.restore(checkpoint.path_for(run / "checkpoints", 1), rules._state_template(cfg))
-  at_1, newest = rules.from_run(run, step=1)[2], rules.from_run(run)[2]
+  first, _ = checkpoint.restore(checkpoint.path_for(run / "checkpoints", 1), sources._state_template(cfg))
+  at_1, newest = sources.from_run(run, step=1)[2], sources.from_run(run)[2]
   chex.assert_trees_all_close(at_1.trainable, first.trainable, rtol=0, atol=0)
   with pytest.raises(AssertionError):  # a meta-step at lr 0.01 moved the rule
     chex.assert_trees_all_close(at_1.trainable, newest.trainable, rtol=0, atol=1e-6)
-  shipped = rules.save_pretrained(run, "at_1", directory=tmp_path, step=1)
+  shipped = sources.save_pretrained(run, "at_1", directory=tmp_path, step=1)
   leaves, meta = checkpoint.read(shipped)
   assert meta["trained_steps"] == 1
   chex.assert_trees_all_close(leaves, jax.tree_util.tree_leaves((at_1.trainable, at_1.stats)), rtol=0, atol=0)
-  averaged = rules.from_run(run, step=[2, 1])[2]
+  averaged = sources.from_run(run, step=[2, 1])[2]
   half_way = lambda a, b: (np.asarray(a) + np.asarray(b)) / 2
   chex.assert_trees_all_close((averaged.trainable, averaged.stats),
                               jax.tree_util.tree_map(half_way, (at_1.trainable, at_1.stats),
                                                      (newest.trainable, newest.stats)), rtol=1e-6, atol=1e-7)
-  leaves, meta = checkpoint.read(rules.save_pretrained(run, "tail", directory=tmp_path, step=[1, 2]))
+  leaves, meta = checkpoint.read(sources.save_pretrained(run, "tail", directory=tmp_path, step=[1, 2]))
   assert (meta["trained_steps"], meta["averaged_steps"]) == (2, [1, 2])
   chex.assert_trees_all_close(leaves, jax.tree_util.tree_leaves((averaged.trainable, averaged.stats)),
                               rtol=0, atol=0)

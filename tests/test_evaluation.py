@@ -38,7 +38,7 @@ def test_rule_curve_equals_optax_sgd_curve(problem):
 
 def test_summary_statistics():
   curve = np.array([[1.0, 2.0], [3.0, 6.0], [5.0, 10.0]])
-  s = evaluation.summarize(curve)
+  s = evaluation.curve_summary(curve)
   np.testing.assert_allclose(s["mean"], [3.0, 6.0])
   np.testing.assert_allclose(s["sd"], [2.0, 4.0])
   np.testing.assert_allclose(s["ci95"], [1.96 * 2 / np.sqrt(3), 1.96 * 4 / np.sqrt(3)])
@@ -50,7 +50,7 @@ def test_a_shipped_rule_evaluates_with_only_an_episode_and_the_rule(monkeypatch,
   against tuned SGD, and its curve equals the one the CLI writes for the same seed."""
   import json
   from mplp import distributed, optim
-  from mplp.host import rules
+  from mplp.host import sources
   from mplp.host.cli import main
   cli = tmp_path / "cli"
   assert main(["eval", "--pretrained", "digits_20x8", "--tasks", "3", "--tune-tasks", "2", "--optimizers", "sgd",
@@ -60,7 +60,7 @@ def test_a_shipped_rule_evaluates_with_only_an_episode_and_the_rule(monkeypatch,
     raise AssertionError("evaluation built a part of the outer loop")
   for module, name in ((config_lib, "build_trainer"), (distributed, "mesh"), (optim, "outer_optimizer")):
     monkeypatch.setattr(module, name, refuse)
-  cfg, episode, rule, task = rules.from_pretrained("digits_20x8")
+  cfg, episode, rule, task = sources.from_pretrained("digits_20x8")
   assert type(episode) is Episode and type(rule) is TrainedRule and episode.pool_size == 0
   result = evaluation.compare(episode, rule, task, jax.random.PRNGKey(0), 3, 2, ["sgd"])
   doc = json.loads((cli / "eval.json").read_text())
@@ -72,13 +72,13 @@ def test_a_rule_runs_on_deeper_networks_with_its_layers_mapped():
   """144-50-10's rule on 144-50-50-50-10: each extra (Dense, sigmoid) block takes the
   trained hidden block's per-layer entries, the tail (last Dense, softmax, loss) the
   trained tail's; the same depth maps to itself. It used to stop with an IndexError."""
-  from mplp.host import rules
+  from mplp.host import sources
   one, three = presets.mnist_20x8(hidden=(50,)), presets.mnist_20x8(hidden=(50, 50, 50))
-  assert rules.layer_map(one, three) == (0, 1, 0, 1, 0, 1, 2, 3, 4)
-  assert rules.layer_map(one, one) == (0, 1, 2, 3, 4)
-  assert rules.layer_map(three, one) == (0, 1, 6, 7, 8)
-  _, _, trained, _ = rules.from_pretrained("digits_20x8")
-  cfg, episode, rule, task = rules.from_pretrained("digits_20x8", ["network.hidden=[50, 50]"])
+  assert sources.layer_map(one, three) == (0, 1, 0, 1, 0, 1, 2, 3, 4)
+  assert sources.layer_map(one, one) == (0, 1, 2, 3, 4)
+  assert sources.layer_map(three, one) == (0, 1, 6, 7, 8)
+  _, _, trained, _ = sources.from_pretrained("digits_20x8")
+  cfg, episode, rule, task = sources.from_pretrained("digits_20x8", ["network.hidden=[50, 50]"])
   assert episode.network.widths == (64, 50, 50, 50, 50, 10, 10)
   for new, old in enumerate((0, 1, 0, 1, 2, 3, 4)):
     chex.assert_trees_all_equal(rule.stats[new], trained.stats[old])

@@ -181,8 +181,8 @@ def test_warm_start_from_a_run(tmp_path, capsys, finished_run):
 
 
 def _restored(out, cfg):
-  from mplp.host import rules
-  return checkpoint.restore(checkpoint.latest(out / "checkpoints"), rules._state_template(cfg))[0]
+  from mplp.host import sources
+  return checkpoint.restore(checkpoint.latest(out / "checkpoints"), sources._state_template(cfg))[0]
 
 
 def test_corrupted_checkpoint_refused_on_resume(tmp_path, capsys, finished_run):
@@ -261,7 +261,7 @@ def test_wandb_offline_run_and_online_fallback(tmp_path, monkeypatch, capsys):
   table, and the rule as a model artifact at each checkpoint (`rule.npz` in its manifest,
   whose staged file holds the checkpoint's rule and evaluates with `mplp eval`); a
   `wandb:` reference is refused at once offline; --wandb disabled writes nothing of W&B."""
-  from mplp.host import rules, tracking
+  from mplp.host import sources, tracking
   monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))  # artifact staging
   cfg = config_lib.load("maml_sinusoid_2x10", TINY + ["run.steps=3", "run.eval_tasks=2", "run.tune_tasks=2",
                                                       "run.checkpoint_every=2", "run.wandb_checkpoints=true"])
@@ -288,8 +288,8 @@ def test_wandb_offline_run_and_online_fallback(tmp_path, monkeypatch, capsys):
   assert json.loads(arts[1].metadata)["config"] == cfg.to_dict()
   (entry,) = arts[1].manifest.contents
   assert entry.path == "rule.npz"
-  staged = rules.from_pretrained(entry.local_path)[2]
-  last = rules.from_run(tmp_path / "off")[2]  # the run's last checkpoint
+  staged = sources.from_pretrained(entry.local_path)[2]
+  last = sources.from_run(tmp_path / "off")[2]  # the run's last checkpoint
   assert checkpoint.step_of(checkpoint.latest(tmp_path / "off" / "checkpoints")) == 3
   chex.assert_trees_all_equal((staged.trainable, staged.stats), (last.trainable, last.stats))
   assert main(["eval", entry.local_path, "--tasks", "2", "--tune-tasks", "1", "--optimizers", "sgd",

@@ -96,11 +96,11 @@ def _load_source(a):
   place of RUN_DIR) or the authors' weights."""
   import re
   from pathlib import Path
-  from mplp.host import rules
+  from mplp.host import sources
   if a.reference:
     if not a.experiment:
-      raise ConfigError(f"--experiment is required with --reference; known: {list(rules.PUBLISHED)}")
-    return (*rules.from_reference(a.reference, a.experiment, a.reference_prior, a.overrides),
+      raise ConfigError(f"--experiment is required with --reference; known: {list(sources.PUBLISHED)}")
+    return (*sources.from_reference(a.reference, a.experiment, a.reference_prior, a.overrides),
             f"reference-{a.experiment}")
   if a.step is not None and not a.run_dir:
     raise ConfigError("--step picks a checkpoint of RUN_DIR; it does not apply to --pretrained or --reference")
@@ -110,9 +110,9 @@ def _load_source(a):
     a.pretrained, a.run_dir = a.run_dir, None
   if a.pretrained:
     label = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(a.pretrained).stem).strip("-")
-    return (*rules.from_pretrained(a.pretrained, a.overrides), f"pretrained-{label}")
+    return (*sources.from_pretrained(a.pretrained, a.overrides), f"pretrained-{label}")
   name = Path(a.run_dir).name + ("" if a.step is None else "-step" + "+".join(map(str, sorted(set(a.step)))))
-  return (*rules.from_run(a.run_dir, a.overrides, a.step), name)
+  return (*sources.from_run(a.run_dir, a.overrides, a.step), name)
 
 
 def _train(a) -> int:
@@ -215,9 +215,9 @@ def _eval(a) -> int:
 def _against(source, cfg, overrides):
   """(name, episode, rule) of another trained rule whose task config equals `cfg`'s."""
   from pathlib import Path
-  from mplp.host import rules
+  from mplp.host import sources
   try:
-    other_cfg, episode, rule, _ = rules.load(source, overrides)
+    other_cfg, episode, rule, _ = sources.load(source, overrides)
   except ConfigError as e:
     raise ConfigError(f"--against {source}: {e}") from None
   mine, theirs = cfg.to_dict()["task"], other_cfg.to_dict()["task"]
@@ -246,7 +246,7 @@ def _analyze(a) -> int:
     phases.start(f"{a.tasks} tasks with their true gradients (one compile)")
     curves = jit_with_task(fn, task)(rule.trainable, rule.stats, keys)
     phases.close()
-  summary = analysis.summarize(curves, analysis.layer_names(episode.network))
+  summary = analysis.layer_summary(curves, analysis.layer_names(episode.network))
   out = report.write_analysis(summary, out_dir, a.tasks, cfg.to_dict())
   print((out / "analysis.md").read_text())
   if a.wandb != "disabled":

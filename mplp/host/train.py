@@ -179,8 +179,8 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
     log("sampling the initial networks and measuring the agents' statistics (compiling)...")
   state = distributed.to_host(jit_with_task(trainer.init, task)(jax.random.PRNGKey(cfg.run.seed)))
   if cfg.meta.init_rule and latest is None:  # read (and refuse) before anything is written
-    from mplp.host import rules
-    trainable, stats = rules.warm_start(cfg.meta.init_rule, state.trainable, state.stats)
+    from mplp.host import sources
+    trainable, stats = sources.warm_start(cfg.meta.init_rule, state.trainable, state.stats)
     state = state._replace(trainable=trainable, stats=stats, opt_state=trainer.optimizer.init(trainable))
     log(f"rule and statistics from {cfg.meta.init_rule}")
   writer = distributed.is_writer()
@@ -314,8 +314,8 @@ class RuleVersions:
   def log(self, step: int):
     if self.wb is None or checkpoint.latest(self.out / "checkpoints") is None:
       return
-    from mplp.host import rules
-    path = rules.save_pretrained(self.out, "rule", directory=self.out, step=step)
+    from mplp.host import sources
+    path = sources.save_pretrained(self.out, "rule", directory=self.out, step=step)
     score = sum(self.window) / len(self.window) if self.window else float("inf")
     aliases = ["latest", f"step-{step}"]
     if score <= self.best or not self.logged:
