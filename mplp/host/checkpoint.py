@@ -46,11 +46,11 @@ def write(path, tree: Any, metadata: Dict[str, Any]) -> Path:
   """Write `tree` (arrays) and `metadata` (JSON-able) to `path` atomically."""
   path = Path(path)
   leaves = [np.asarray(a) for a in jax.tree_util.tree_leaves(tree)]
-  meta = {"format": FORMAT, "version": VERSION, **metadata,
+  info = {"format": FORMAT, "version": VERSION, **metadata,
           "leaves": [{"shape": list(a.shape), "dtype": str(a.dtype)} for a in leaves],
           "sha256": _digest(leaves)}
   arrays = {f"leaf_{i:05d}": a for i, a in enumerate(leaves)}
-  arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+  arrays["__meta__"] = np.frombuffer(json.dumps(info).encode(), np.uint8)
   tmp = path.with_name(path.name + ".tmp")
   try:
     with open(tmp, "wb") as f:
@@ -106,29 +106,29 @@ def read(path) -> Tuple[List[np.ndarray], Dict[str, Any]]:
   hint = "delete it to resume from an earlier checkpoint, or start a new run"
   try:
     with np.load(path, allow_pickle=False) as f:
-      meta = json.loads(bytes(f["__meta__"]).decode())
-      if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an mplp checkpoint (format {meta.get('format')!r})")
-      leaves = [f[f"leaf_{i:05d}"] for i in range(len(meta["leaves"]))]
+      info = json.loads(bytes(f["__meta__"]).decode())
+      if info.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an mplp checkpoint (format {info.get('format')!r})")
+      leaves = [f[f"leaf_{i:05d}"] for i in range(len(info["leaves"]))]
   except CheckpointError:
     raise
   except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError, json.JSONDecodeError,
           UnicodeDecodeError) as e:
     raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({type(e).__name__}: "
                           f"{e}); {hint}") from None
-  if meta.get("version") != VERSION:
-    raise CheckpointError(f"{path}: checkpoint version {meta.get('version')} is not supported "
+  if info.get("version") != VERSION:
+    raise CheckpointError(f"{path}: checkpoint version {info.get('version')} is not supported "
                           f"(this mplp reads version {VERSION})")
-  if _digest(leaves) != meta.get("sha256"):
+  if _digest(leaves) != info.get("sha256"):
     raise CheckpointError(f"checkpoint {path} is corrupted: its arrays do not match the "
                           f"recorded SHA-256; {hint}")
-  return leaves, meta
+  return leaves, info
 
 
 def restore(path, template: Any) -> Tuple[Any, Dict[str, Any]]:
   """The checkpoint's arrays in the structure of `template` (same leaf count, shapes
   and dtypes, else `CheckpointError`) and its metadata."""
-  leaves, meta = read(path)
+  leaves, info = read(path)
   ref, treedef = jax.tree_util.tree_flatten(template)
   if len(ref) != len(leaves):
     raise CheckpointError(f"{path} holds {len(leaves)} arrays but this run's state has "
@@ -138,7 +138,7 @@ def restore(path, template: Any) -> Tuple[Any, Dict[str, Any]]:
     if tuple(a.shape) != tuple(r.shape) or a.dtype != r.dtype:
       raise CheckpointError(f"{path}: array {i} has shape {a.shape} {a.dtype}, this run's state "
                             f"expects {tuple(r.shape)} {r.dtype}: a different configuration")
-  return jax.tree_util.tree_unflatten(treedef, leaves), meta
+  return jax.tree_util.tree_unflatten(treedef, leaves), info
 
 
 def latest(directory) -> Optional[Path]:

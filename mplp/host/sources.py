@@ -88,21 +88,21 @@ def _restore_run(run_dir, step=None):
   """(the run's config as saved, its `TrainState` at `step` or the newest, checkpoint
   metadata). Several steps: the uniform average of their rules and statistics (tail
   averaging of the meta-parameters; the optimizer state and pool are the newest's), with
-  `meta["averaged_steps"]`."""
+  `info["averaged_steps"]`."""
   run_dir = Path(run_dir)
   if not (run_dir / "config.json").exists():
     raise config_lib.ConfigError(f"{run_dir} is not an mplp run directory (no config.json)")
   raw = config_lib.read_json(run_dir / "config.json")
   template = _state_template(config_lib.from_dict(raw))
   restored = [checkpoint.restore(_checkpoint_of(run_dir, s), template) for s in _steps(step)]
-  state, meta = restored[-1]
+  state, info = restored[-1]
   if len(restored) > 1:
     mean = lambda *leaves: np.mean(np.stack(leaves), axis=0).astype(np.asarray(leaves[0]).dtype)
     average = lambda trees: jax.tree_util.tree_map(mean, *trees)
     state = state._replace(trainable=average([s.trainable for s, _ in restored]),
                            stats=average([s.stats for s, _ in restored]))
-    meta = {**meta, "averaged_steps": [m["step"] for _, m in restored]}
-  return raw, state, meta
+    info = {**info, "averaged_steps": [m["step"] for _, m in restored]}
+  return raw, state, info
 
 
 def layer_map(trained, network) -> tuple:
@@ -174,11 +174,11 @@ def load(source: str, overrides: Sequence[str] = ()):
 def save_pretrained(run_dir, name: str, directory=PRETRAINED_DIR, step=None):
   """Ship checkpoint `step` (default: the newest; several steps: the average of their
   rules and statistics) of a run as `NAME.npz` (rule and statistics only)."""
-  raw, state, meta = _restore_run(run_dir, step)
-  extra = {"averaged_steps": meta["averaged_steps"]} if "averaged_steps" in meta else {}
+  raw, state, info = _restore_run(run_dir, step)
+  extra = {"averaged_steps": info["averaged_steps"]} if "averaged_steps" in info else {}
   return checkpoint.write(Path(directory) / f"{name}.npz",
                           {"trainable": state.trainable, "stats": state.stats},
-                          {"config": config_lib.from_dict(raw).to_dict(), "trained_steps": meta["step"],
+                          {"config": config_lib.from_dict(raw).to_dict(), "trained_steps": info["step"],
                            "source": str(run_dir), **extra})
 
 
@@ -202,8 +202,8 @@ def rule_file(name: str) -> Path:
 
 def from_pretrained(name: str, overrides: Sequence[str] = ()):
   path = rule_file(name)
-  _, meta = checkpoint.read(path)
-  raw = meta["config"]
+  _, info = checkpoint.read(path)
+  raw = info["config"]
   trained = _trained_network(raw)
   tree, _ = checkpoint.restore(path, _rule_template(config_lib.from_dict(raw), trained))
   cfg = _with_overrides(json.loads(json.dumps(raw)), overrides)

@@ -194,11 +194,11 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
   metrics_path = out / "metrics.jsonl"
   metrics_size = metrics_path.stat().st_size if metrics_path.exists() else 0
   if latest is not None:
-    state, meta = checkpoint.restore(latest, state)
+    state, info = checkpoint.restore(latest, state)
     if writer:
       with _writing("the metrics", metrics_path, metrics_size, ckpt_dir):
-        MetricsLog.truncate_after(metrics_path, meta["step"])
-    log(f"resumed from {latest} (step {meta['step']})")
+        MetricsLog.truncate_after(metrics_path, info["step"])
+    log(f"resumed from {latest} (step {info['step']})")
   elif resume and writer:  # killed before its first checkpoint: start over
     with _writing("the metrics", metrics_path, metrics_size, ckpt_dir):
       MetricsLog.truncate_after(metrics_path, 0)
