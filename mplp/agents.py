@@ -14,7 +14,7 @@ Two families, as in the published protocol:
       c'   = z * c + (1 - z) * cand
 
   MLP = Dense(80, tanh) -> Dense(40, tanh) -> Dense(C, no bias); glorot-uniform kernels,
-  zero biases. C = [1 if the agent owns a parameter] + hidden + M; channel 0 of `c'` is
+  zero biases. C = [1 if the agent owns a parameter] + state_size + M; channel 0 of `c'` is
   the update, the last M channels are the outgoing message.
 * `Stateless` — MLPs on the same input, Dense(80, relu) -> Dense(40, relu) -> Dense(k,
   tanh): one with k = 1 for the update (agents that own a parameter), one with k = M for
@@ -188,13 +188,13 @@ class AgentNet:
     return jax.tree_util.tree_map(merge, out)
 
 
-def stateful(input_size: int, msg_size: int, hidden: int, has_update: bool) -> AgentNet:
-  """The GRU-like agent with carry [update? | hidden | message]."""
+def stateful(input_size: int, msg_size: int, state_size: int, has_update: bool) -> AgentNet:
+  """The GRU-like agent with carry [update? | state_size own channels | message]."""
   if msg_size < 1:
     raise ValueError(f"message size must be >= 1, got {msg_size}")
-  if hidden < 0:
-    raise ValueError(f"hidden size must be >= 0, got {hidden}")
-  c = int(has_update) + hidden + msg_size
+  if state_size < 0:
+    raise ValueError(f"state size must be >= 0, got {state_size}")
+  c = int(has_update) + state_size + msg_size
 
   def f(parts, carry):
     new = _GRUCell(c)(parts, carry)
@@ -223,11 +223,11 @@ def stateless(input_size: int, msg_size: int, has_update: bool) -> AgentNet:
 
 
 @functools.lru_cache(maxsize=None)
-def make(kind: str, input_size: int, msg_size: int, hidden: int, has_update: bool) -> AgentNet:
+def make(family: str, input_size: int, msg_size: int, state_size: int, has_update: bool) -> AgentNet:
   """An agent network by family name: 'stateful' or 'stateless' (built once per
   signature: layers ask for it at every trace)."""
-  if kind == "stateful":
-    return stateful(input_size, msg_size, hidden, has_update)
-  if kind == "stateless":
+  if family == "stateful":
+    return stateful(input_size, msg_size, state_size, has_update)
+  if family == "stateless":
     return stateless(input_size, msg_size, has_update)
-  raise ValueError(f"agent network kind must be 'stateful' or 'stateless', got {kind!r}")
+  raise ValueError(f"agent network family must be 'stateful' or 'stateless', got {family!r}")

@@ -42,7 +42,8 @@ class LearnedRule:
   Attributes:
     family: 'stateful' (GRU-like cell with a carry) or 'stateless' (two MLPs).
     msg_size: M, the message width (>= 1).
-    hidden: hidden carry channels of the stateful cell (ignored when stateless).
+    state_size: the stateful cell's own carry channels, between the update channel and the
+      message (ignored when stateless; `network.hidden` is the inner network's widths).
     shared: agent kinds (of 'weight', 'bias', 'activation') whose network is shared by
       all layers; each layer keeps its own statistics and output scale.
     out_scale: initial value of the learned output scale (0.05 / 5 in the paper).
@@ -51,7 +52,7 @@ class LearnedRule:
   """
   family: str = "stateful"
   msg_size: int = 8
-  hidden: int = 15
+  state_size: int = 15
   shared: Tuple[str, ...] = ()
   out_scale: float = 0.01
   measure: bool = False
@@ -66,8 +67,8 @@ class LearnedRule:
       raise ValueError(f"LearnedRule.family must be 'stateful' or 'stateless', got {self.family!r}")
     if not isinstance(self.msg_size, int) or self.msg_size < 1:
       raise ValueError(f"LearnedRule.msg_size (message size) must be an int >= 1, got {self.msg_size!r}")
-    if not isinstance(self.hidden, int) or self.hidden < 0:
-      raise ValueError(f"LearnedRule.hidden must be an int >= 0, got {self.hidden!r}")
+    if not isinstance(self.state_size, int) or self.state_size < 0:
+      raise ValueError(f"LearnedRule.state_size must be an int >= 0, got {self.state_size!r}")
     bad = [k for k in self.shared if k not in SHAREABLE]
     if bad:
       raise ValueError(f"LearnedRule.shared: unknown agent kinds {bad}; allowed: {list(SHAREABLE)}")
@@ -76,7 +77,7 @@ class LearnedRule:
   def agent_net(self, layer, kind: str) -> agents.AgentNet:
     entries = layer.entries[kind]
     width = sum(self.msg_size if e == "message" else 1 for e in entries)
-    return agents.make(self.family, width, self.msg_size, self.hidden, kind in PARAM_KINDS)
+    return agents.make(self.family, width, self.msg_size, self.state_size, kind in PARAM_KINDS)
 
   def carry_sizes(self, layer):
     return {k: self.agent_net(layer, k).carry_size for k in layer.kinds}

@@ -25,9 +25,9 @@ def _mlp(hidden: Sequence[int], outputs: int, activation: str):
 
 def sinusoid_5x10(activation: str = "relu", hidden: Sequence[int] = (20, 20),
                   input_size: int = 1, outputs: int = 1) -> Network:
-  """1-20-20-1 relu, L2; stateful agents, M = 8, hidden 15, per-layer networks."""
+  """1-20-20-1 relu, L2; stateful agents, M = 8, state_size 15, per-layer networks."""
   layers = (*_mlp(hidden, outputs, activation), L2())
-  return Network(input_size, layers, LearnedRule("stateful", msg_size=8, hidden=15))
+  return Network(input_size, layers, LearnedRule("stateful", msg_size=8, state_size=15))
 
 
 def maml_sinusoid_2x10(activation: str = "relu", hidden: Sequence[int] = (20, 20),
@@ -39,10 +39,10 @@ def maml_sinusoid_2x10(activation: str = "relu", hidden: Sequence[int] = (20, 20
 
 def mnist_20x8(activation: str = "sigmoid", hidden: Sequence[int] = (50,),
                input_size: int = 144, outputs: int = 10) -> Network:
-  """144-50-10 sigmoid, softmax, cross-entropy; stateful agents, M = 4, hidden 7, one
+  """144-50-10 sigmoid, softmax, cross-entropy; stateful agents, M = 4, state_size 7, one
   weight network and one bias network shared by all dense layers."""
   layers = (*_mlp(hidden, outputs, activation), Softmax(), CrossEntropy())
-  rule = LearnedRule("stateful", msg_size=4, hidden=7, shared=("weight", "bias"))
+  rule = LearnedRule("stateful", msg_size=4, state_size=7, shared=("weight", "bias"))
   return Network(input_size, layers, rule)
 
 

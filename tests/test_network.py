@@ -22,7 +22,7 @@ def _sinusoid_batches(key, steps, batch):
 
 def small_net(family="stateful"):
   layers = (Dense(8), Activation("tanh"), Dense(1), L2())
-  return Network(1, layers, LearnedRule(family, msg_size=3, hidden=4))
+  return Network(1, layers, LearnedRule(family, msg_size=3, state_size=4))
 
 
 def test_forward_equals_plain_mlp():
