@@ -280,8 +280,24 @@ class Terminated(KeyboardInterrupt):
   is: the checkpoint being written is abandoned (its .tmp deleted), the last one stays."""
 
 
-def _on_sigterm(signum, frame):
-  raise Terminated()
+GRACE_S = 10.0  # after Ctrl-C / SIGTERM, leave within this long even if the interrupt was lost
+
+
+def _signal_handler(a):
+  """Ctrl-C and SIGTERM raise KeyboardInterrupt (Terminated) so that the run unwinds (a
+  checkpoint being written deletes its .tmp, W&B is finished); a watchdog thread leaves
+  after GRACE_S in case the exception was swallowed (Python ignores one raised inside a
+  finalizer or a callback; seen once in the suite: the run trained on)."""
+  import threading
+
+  def handler(signum, frame):
+    import signal
+    terminated = signum == signal.SIGTERM
+    watchdog = threading.Timer(GRACE_S, _interrupted, (a, terminated))
+    watchdog.daemon = True
+    watchdog.start()
+    raise Terminated() if terminated else KeyboardInterrupt()
+  return handler
 
 
 def _compilation_cache():
@@ -314,12 +330,13 @@ def main(argv=None) -> int:
   _compilation_cache()
   warnings.formatwarning = lambda msg, cat, *args, **kw: f"mplp: warning: {msg}\n"
   on_main_thread = threading.current_thread() is threading.main_thread()
-  previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
+  handler = _signal_handler(a)
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if on_main_thread else {}
   try:
     return _main(a)
   finally:
-    if on_main_thread:
-      signal.signal(signal.SIGTERM, previous)
+    for s, h in previous.items():
+      signal.signal(s, h)
 
 
 def _main(a) -> int:
