@@ -59,14 +59,14 @@ def _matmul_gflops(repeats=5):
   return 2 * n ** 3 / median / 1e9
 
 
-def _flops(net, meta, kind, args):
+def _flops(net, meta, what, args):
   """XLA's flop count of the same computation with no loops (XLA counts a loop body
   once): agents in one call, the unroll as a Python loop."""
   import jax
   from mplp import agents
   saved, agents.CHUNK_AGENTS = agents.CHUNK_AGENTS, 1 << 62
   try:
-    if kind == "inner_step":
+    if what == "inner_step":
       fn = lambda *a: net.inner_step(*a)  # a fresh function: no reuse of the chunked trace
     else:
       def fn(params, state, xs, ys):
@@ -120,7 +120,7 @@ def run_meta_step(name: str, repeats: int) -> dict:
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   # XLA's count of one task's T-step meta-gradient (loops unrolled), times the outer batch
   # (the optimizer's and the held-out loss' flops are negligible next to it)
-  net = trainer.network
+  net = trainer.episode.network
   meta = net.init_meta(jax.random.PRNGKey(0))
   sample = task.sample(jax.random.PRNGKey(1), cfg.task.inner_steps, cfg.task.batch_size, 1)
   flops = cfg.meta.outer_batch * _flops(net, meta, "unroll_grad",
@@ -240,7 +240,7 @@ def run_one(name: str, repeats: int) -> dict:
   import jax.numpy as jnp
   from mplp import presets
 
-  shape, kind = name.rsplit("_", 2)[0], name.split("_", 1)[1]
+  shape, what = name.rsplit("_", 2)[0], name.split("_", 1)[1]
   preset, batch, steps = SHAPES[shape]
   net = presets.network(preset)
   meta = net.init_meta(jax.random.PRNGKey(0))
@@ -249,9 +249,9 @@ def run_one(name: str, repeats: int) -> dict:
   xs = jax.random.normal(key, (steps, batch, net.input_size))
   ys = jax.nn.softmax(jax.random.normal(key, (steps, batch, net.output_size)))
   agents = _agents_per_step(net, batch)
-  if kind == "inner_step":
+  if what == "inner_step":
     fn, args, updates = net.inner_step, (meta, state, xs[0], ys[0]), agents
-  elif kind == "unroll_grad":
+  elif what == "unroll_grad":
     def meta_loss(params, state, xs, ys):
       final, _ = net.unroll(meta._replace(params=params), state, xs, ys)
       return net.loss(final, xs[-1], ys[-1])
@@ -264,7 +264,7 @@ def run_one(name: str, repeats: int) -> dict:
   compile_s = time.perf_counter() - t
   median, times = _time(compiled, args, repeats)
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the flop count
-  flops = _flops(net, meta, kind, args)
+  flops = _flops(net, meta, what, args)
   matmul = _matmul_gflops()
   out = {
       "median_s": median,

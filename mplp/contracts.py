@@ -70,8 +70,11 @@ LossFn = Callable[[Any, Any], Tuple[Array, Tuple[Dict[str, Array], Any]]]
 
 
 class Estimator(Protocol):
-  def init_carry(self, unrolls: Any, trainable: Any) -> Any:
-    """What the estimator keeps between meta-steps, from the runs in progress (or ())."""
+  truncation: int  # K inner steps per meta-gradient window; 0: whole unrolls
+
+  def init_carry(self, blank: Any, outer_batch: int, trainable: Any) -> Any:
+    """What the estimator keeps between meta-steps (() for whole unrolls; with a window,
+    `outer_batch` runs in progress whose inner states are shaped like `blank`)."""
 
   def estimate(self, loss: LossFn, trainable: Any, key: Array, carry: Any) -> Tuple[Array, Dict[str, Array], Any, Any]:
     """(loss [], metrics, meta-gradient like `trainable`, new carry)."""

@@ -87,11 +87,11 @@ class Episode:
 
     return scan_steps(step, state, xs, ys, remat)
 
-  def held_out(self, state, sample, kind: str):
+  def held_out(self, state, sample, problem: str):
     """{"loss": held-out loss[, "accuracy": held-out accuracy for classification]}."""
     net = self.network
     out = {"loss": net.loss(state, sample.x_eval, sample.y_eval)}
-    if kind == "classification":
+    if problem == "classification":
       pred = net.forward(state, sample.x_eval)
       out["accuracy"] = jnp.mean(jnp.argmax(pred, -1) == jnp.argmax(sample.y_eval, -1))
     return out

@@ -1,18 +1,20 @@
 """Meta-gradient estimators: how `MetaTrainer.step` gets d(outer loss) / d(trainable).
 
 An estimator is a frozen dataclass with pure methods (cf. learned_optimization's
-gradient estimators, one per file there); it sees the outer loss only as a function,
-never the trainer:
+gradient estimators, one per file there). It owns its truncation (`truncation = K`
+inner steps per meta-gradient window, 0 for whole unrolls) and what it carries between
+meta-steps, and sees the outer loss only as a function, never the trainer:
 
-    init_carry(unrolls, trainable) -> carry     (what it keeps between meta-steps)
+    init_carry(blank, outer_batch, trainable) -> carry   (what it keeps between meta-steps)
     estimate(loss, trainable, key, carry)
         -> (loss [], metrics {name: []}, grads (like trainable), carry)
-    restart(carry, ok) -> carry                 (after a non-finite step)
+    restart(carry, ok) -> carry                          (after a non-finite step)
 
-`loss(trainable, carry) -> (scalar, (metrics, advanced carry))` is the mean outer loss of
+`loss(trainable, runs) -> (scalar, (metrics, advanced runs))` is the mean outer loss of
 one outer batch of tasks (`MetaTrainer.outer_loss` with the statistics, pool, task key
-and task bound). `unrolls` is () for whole unrolls; with a window K it is the runs in
-progress (`mplp.meta_train.Unroll`), each meta-step advancing them by K inner steps.
+and task bound). `runs` is () for whole unrolls; with a window K it is the runs in
+progress (`Unroll` [outer_batch], `blank` giving the shape of one run's inner state),
+each meta-step advancing them by K inner steps.
 
 * `Backprop` — `jax.grad` through the unroll: the whole one (the config's `backprop`) or
   one window of runs in progress (`truncated`; biased: the window's dependence on earlier
@@ -39,17 +41,50 @@ import jax.flatten_util
 import jax.numpy as jnp
 
 
+class Unroll(NamedTuple):
+  """An inner run in progress (windows of K steps); t == 0 means "start a new task"."""
+  key: jax.Array   # [2] uint32, the task key of the run
+  t: jax.Array     # [] int32, inner steps done
+  state: Any       # its inner state
+
+
 def _tree_stack(tree, n):
   return jax.tree_util.tree_map(lambda a: jnp.zeros((n,) + a.shape, a.dtype), tree)
 
 
+def _runs(blank, outer_batch: int) -> Unroll:
+  """`outer_batch` runs in progress, none started: Unroll [outer_batch] of zeros."""
+  zero = jnp.zeros([], jnp.int32)
+  return _tree_stack(Unroll(jax.random.PRNGKey(0), zero, blank), outer_batch)
+
+
+def check_window(truncation: int, inner_steps: int) -> None:
+  """A window of `truncation` steps must divide the unroll of `inner_steps` (0: none)."""
+  if truncation and inner_steps % truncation:
+    raise ValueError(f"meta.truncation: {truncation} must divide task.inner_steps "
+                     f"({inner_steps}); allowed: a divisor of it, or 0 for the whole unroll")
+
+
+def _check_truncation(truncation) -> None:
+  if not isinstance(truncation, int) or truncation < 0:
+    raise ValueError(f"meta.truncation: must be an int >= 0 (0: whole unrolls), got {truncation!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Backprop:
-  """Reverse-mode gradient through the unroll (or through one window of it)."""
+  """Reverse-mode gradient through the unroll (or through windows of K steps of it).
 
-  def init_carry(self, unrolls, trainable):
+  Attributes:
+    truncation: K, inner steps per meta-gradient window (0: the whole unroll).
+  """
+  truncation: int = 0
+
+  def __post_init__(self):
+    _check_truncation(self.truncation)
+
+  def init_carry(self, blank, outer_batch: int, trainable):
     del trainable
-    return unrolls
+    return _runs(blank, outer_batch) if self.truncation else ()
 
   def estimate(self, loss, trainable, key, carry):
     del key
@@ -75,20 +110,23 @@ class ES:
   Attributes:
     sigma: standard deviation of the perturbation of every trainable value.
     pairs: antithetic pairs per meta-step (2 * pairs * outer_batch inner runs).
+    truncation: K, inner steps per window of the runs in progress (PES); 0: whole unrolls.
   """
   sigma: float = 0.01
   pairs: int = 8
+  truncation: int = 0
 
   def __post_init__(self):
     if not self.sigma > 0:
       raise ValueError(f"meta.es_sigma: must be > 0, got {self.sigma!r}")
     if not isinstance(self.pairs, int) or self.pairs < 1:
       raise ValueError(f"meta.es_pairs: must be an int >= 1, got {self.pairs!r}")
+    _check_truncation(self.truncation)
 
-  def init_carry(self, unrolls, trainable):
-    if not unrolls:  # whole unrolls: nothing to carry
+  def init_carry(self, blank, outer_batch: int, trainable):
+    if not self.truncation:  # whole unrolls: nothing to carry
       return ()
-    runs = _tree_stack(unrolls, self.pairs)
+    runs = _tree_stack(_runs(blank, outer_batch), self.pairs)
     return PESCarry(runs, runs, _tree_stack(trainable, self.pairs))
 
   def _noise(self, key, trainable):
@@ -142,12 +180,24 @@ class ES:
 
 
 ESTIMATORS = ("backprop", "truncated", "es", "pes")
+WINDOWED = ("truncated", "pes")
 
 
-def make(name: str, sigma: float = 0.01, pairs: int = 8):
-  """The estimator a config names (`truncated` / `pes` also need `meta.truncation`)."""
+def make(name: str, truncation: int, inner_steps: int, sigma: float = 0.01, pairs: int = 8):
+  """The estimator a config names (`meta.estimator`), with its window (`meta.truncation`,
+  which `truncated` and `pes` need and `backprop` and `es` must leave at 0) checked
+  against the unroll of `inner_steps`. Bad values raise ValueError naming the field."""
+  if name not in ESTIMATORS:
+    raise ValueError(f"meta.estimator: {name!r} is not allowed; allowed: {list(ESTIMATORS)}")
+  _check_truncation(truncation)
+  check_window(truncation, inner_steps)
+  if name in WINDOWED and not truncation:
+    raise ValueError(f"meta.truncation: meta.estimator = {name!r} needs a window; "
+                     f"allowed: a divisor of task.inner_steps ({inner_steps})")
+  if name not in WINDOWED and truncation:
+    raise ValueError(f"meta.estimator: {name!r} uses whole unrolls but meta.truncation = "
+                     f"{truncation}; allowed with a window: 'truncated' or 'pes' "
+                     "(or set meta.truncation = 0)")
   if name in ("backprop", "truncated"):
-    return Backprop()
-  if name in ("es", "pes"):
-    return ES(sigma, pairs)
-  raise ValueError(f"meta.estimator: {name!r} is not allowed; allowed: {list(ESTIMATORS)}")
+    return Backprop(truncation)
+  return ES(sigma, pairs, truncation)

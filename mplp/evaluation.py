@@ -58,9 +58,9 @@ def rule_curves(episode: Episode, trainable, stats, pool, task, keys) -> Dict[st
 
   def one(key):
     sample, state0 = episode.start(trainable, pool, key, task)
-    observe = lambda new, old, m, x, y: episode.held_out(new, sample, task.kind)
+    observe = lambda new, old, m, x, y: episode.held_out(new, sample, task.problem)
     _, after = episode.run(meta, state0, sample.xs, sample.ys, observe)
-    return _with_start(episode.held_out(state0, sample, task.kind), after)
+    return _with_start(episode.held_out(state0, sample, task.problem), after)
   at_once = tasks_at_once(episode, len(keys))
   if at_once >= len(keys):
     return jax.vmap(one)(keys)
@@ -79,10 +79,10 @@ def _optax_curve(episode: Episode, trainable, pool, task, make_opt: Callable, lr
     w, opt_state = carry
     updates, opt_state = opt.update(jax.grad(loss)(w, x, y), opt_state, w)
     w = optax.apply_updates(w, updates)
-    return (w, opt_state), episode.held_out(net.with_weights(state0, w), sample, task.kind)
+    return (w, opt_state), episode.held_out(net.with_weights(state0, w), sample, task.problem)
 
   _, after = scan_steps(step, (w0, opt.init(w0)), sample.xs, sample.ys)
-  return _with_start(episode.held_out(state0, sample, task.kind), after)
+  return _with_start(episode.held_out(state0, sample, task.problem), after)
 
 
 def optax_curves(episode: Episode, trainable, pool, task, keys, make_opt: Callable, lrs) -> Dict[str, jax.Array]:
@@ -106,9 +106,9 @@ def _paired_runner(episode: Episode, trainable, pool, task, make_opt: Callable):
   return run
 
 
-def _final_score(curves, kind):
+def _final_score(curves, problem):
   """Mean final held-out metric per learning rate, as a loss (lower is better)."""
-  if kind == "classification":
+  if problem == "classification":
     score = -jnp.mean(curves["accuracy"][..., -1], axis=-1)
   else:
     score = jnp.mean(curves["loss"][..., -1], axis=-1)
@@ -160,7 +160,7 @@ def compare(episode: Episode, rule, task, key, n_tasks: int, tune_tasks: int,
     length = max(len(grid) * tune_tasks, n_tasks)
     tuned = run(np.repeat(grid, tune_tasks), jnp.tile(tune_keys, (len(grid), 1)), length)
     tuned = jax.tree_util.tree_map(lambda a: a.reshape((len(grid), tune_tasks) + a.shape[1:]), tuned)
-    lr = grid[int(jnp.argmin(_final_score(tuned, task.kind)))]
+    lr = grid[int(jnp.argmin(_final_score(tuned, task.problem)))]
     chosen[name] = lr
     best = run(np.full(n_tasks, lr), eval_keys, length)
     methods[f"{name}(lr={lr:g})"] = {m: curve_summary(c) for m, c in best.items()}

@@ -12,7 +12,7 @@ elementwise layer, M = message size, C = carry size of the agent kind.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Tuple, Union
+from typing import Callable, Dict, Union
 
 import jax
 import jax.numpy as jnp

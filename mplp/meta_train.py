@@ -14,10 +14,11 @@ inner steps (`Episode.run`, one `lax.scan`), and mix
 A step whose loss or meta-gradient is not finite leaves parameters and optimizer state
 untouched; it is counted in `bad_steps` (consecutive) and `skipped` (total).
 
-Truncated backprop (`truncation = K < T`, learned_optimization's "truncated step"): every
-task of the outer batch is an inner run in progress (`Unroll`: its task key, the inner
-steps done, its inner state). A meta-step advances each run by one window of K steps and
-takes the meta-gradient of that window's loss (hint over the window, held-out after it);
+Windows (the estimator's `truncation = K < T`, learned_optimization's "truncated step"):
+every task of the outer batch is an inner run in progress (`mplp.estimators.Unroll`: its
+task key, the inner steps done, its inner state; the estimator keeps them). A meta-step
+advances each run by one window of K steps and takes the meta-gradient of that window's
+loss (hint over the window, held-out after it);
 the inner state crosses into the next window without a gradient. A run that reaches T
 starts over on a fresh task. With K = T this is exactly the full meta-gradient.
 
@@ -39,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mplp import minibatch_init
 from mplp.contracts import Estimator
 from mplp.episode import Episode
-from mplp.estimators import Backprop
+from mplp.estimators import Backprop, Unroll, check_window
 from mplp.learned import MetaParams
 from mplp.network import Network
 
@@ -66,13 +67,6 @@ class TrainState(NamedTuple):
                         # (truncated backprop) or PESCarry [pairs, outer_batch] (PES)
 
 
-class Unroll(NamedTuple):
-  """An inner run in progress (truncated backprop); t == 0 means "start a new task"."""
-  key: jax.Array   # [2] uint32, the task key of the run
-  t: jax.Array     # [] int32, inner steps done
-  state: Any       # its inner state
-
-
 def _sq_distance(network, a, b):
   return sum(jnp.sum((wa - wb) ** 2) + jnp.sum((ba - bb) ** 2)
              for (wa, ba), (wb, bb) in zip(network.weights(a), network.weights(b)))
@@ -80,40 +74,30 @@ def _sq_distance(network, a, b):
 
 @dataclasses.dataclass(frozen=True)
 class MetaTrainer:
-  """Attributes:
-    network: the inner network with its learned rule.
+  """Init and step of meta-training over (episode, objective, optimizer, estimator, mesh).
+
+  Attributes:
+    episode: the inner run of one task (`mplp.episode.Episode`: network and rule, T inner
+      steps of B examples, E held-out, where tasks start: learned init, pool or fresh).
     optimizer: the outer optax optimizer.
-    inner_steps: T; batch_size: B (inner batch); eval_size: held-out examples per task.
+    estimator: how the meta-gradient is estimated, with its window (`mplp.estimators`:
+      `Backprop()` through the whole unroll, `Backprop(truncation=K)` through windows of K
+      steps of runs in progress, `ES(sigma, pairs)`, or PES with `truncation`).
+    objective: the outer-loss weights.
     outer_batch: tasks per meta-step.
-    loss: outer-loss weights.
-    learn_init: meta-train the initial inner weights too (MAML-style).
-    pool_size: number of pre-sampled initial networks (0: a fresh draw per task).
     remat: recompute each inner step in the backward pass (less memory, more compute).
-    truncation: K, inner steps per meta-gradient window (0: the whole unroll, K = T);
-      must divide `inner_steps`.
     mesh: a `Mesh` with axis 'tasks' to split the outer batch over (None: no sharding).
-    estimator: how the meta-gradient is estimated (`mplp.estimators`: `Backprop()`, the
-      whole unroll or, with `truncation`, one window; `ES(sigma, pairs)`, or PES with
-      `truncation`).
   """
-  network: Network
+  episode: Episode
   optimizer: optax.GradientTransformation
-  inner_steps: int = 5
-  batch_size: int = 10
-  eval_size: int = 100
-  outer_batch: int = 4
-  loss: OuterLoss = OuterLoss()
-  learn_init: bool = False
-  pool_size: int = 128
-  remat: bool = False
-  truncation: int = 0
-  mesh: Optional[Mesh] = None
   estimator: Estimator = Backprop()
+  objective: OuterLoss = OuterLoss()
+  outer_batch: int = 4
+  remat: bool = False
+  mesh: Optional[Mesh] = None
 
   def __post_init__(self):
-    if self.truncation and self.inner_steps % self.truncation:
-      raise ValueError(f"meta.truncation: {self.truncation} must divide task.inner_steps "
-                       f"({self.inner_steps}); allowed: a divisor of it, or 0 for the whole unroll")
+    check_window(self.estimator.truncation, self.episode.inner_steps)
     if self.mesh is not None:
       n = self.mesh.shape["tasks"]
       if self.outer_batch % n:
@@ -121,8 +105,13 @@ class MetaTrainer:
                          f"{n} devices; use a multiple of {n} or run.devices dividing it")
 
   @property
+  def network(self) -> Network:
+    return self.episode.network
+
+  @property
   def window(self) -> int:
-    return self.truncation or self.inner_steps
+    """Inner steps per meta-gradient: the estimator's truncation, or the whole unroll."""
+    return self.estimator.truncation or self.episode.inner_steps
 
   def _shard_tasks(self, tree):
     """Split the leading [outer_batch] axis over the mesh (no-op without a mesh)."""
@@ -134,35 +123,24 @@ class MetaTrainer:
   def init(self, key, task) -> TrainState:
     """Fresh meta-parameters, learned init and pool; statistics measured on one task."""
     k_meta, k_pool, k_init, k_task, k_net, k_rng = jax.random.split(key, 6)
-    net = self.network
+    ep, net = self.episode, self.episode.network
     meta = net.init_meta(k_meta)
     pool = ()
-    if self.pool_size > 0:
+    if ep.pool_size > 0:
       draw = lambda k: net.weights(net.init(k, 1))
-      pool = jax.vmap(draw)(jax.random.split(k_pool, self.pool_size))
-    init = net.weights(net.init(k_init, 1)) if self.learn_init else ()
-    sample = task.sample(k_task, self.inner_steps, self.batch_size, self.eval_size)
-    first = init if self.learn_init else (jax.tree_util.tree_map(lambda a: a[0], pool) if pool else None)
+      pool = jax.vmap(draw)(jax.random.split(k_pool, ep.pool_size))
+    init = net.weights(net.init(k_init, 1)) if ep.learn_init else ()
+    sample = task.sample(k_task, ep.inner_steps, ep.batch_size, ep.eval_size)
+    first = init if ep.learn_init else (jax.tree_util.tree_map(lambda a: a[0], pool) if pool else None)
     if net.rule.has_statistics:  # learned rules; BackpropRule (plain MAML) has none
-      meta = minibatch_init.measure(net, meta, net.init(k_net, self.batch_size, weights=first or None),
+      meta = minibatch_init.measure(net, meta, net.init(k_net, ep.batch_size, weights=first or None),
                                     sample.xs, sample.ys)
     trainable = {"rule": meta.params, "init": init}
     zero = jnp.zeros([], jnp.int32)
-    unrolls = ()
-    if self.truncation:
-      blank = net.init(k_net, self.batch_size)
-      unrolls = jax.tree_util.tree_map(
-          lambda a: jnp.zeros((self.outer_batch,) + a.shape, a.dtype),
-          Unroll(jax.random.PRNGKey(0), zero, blank))
-    unrolls = self.estimator.init_carry(unrolls, trainable)
+    blank = jax.eval_shape(lambda: net.init(k_net, ep.batch_size))
+    unrolls = self.estimator.init_carry(blank, self.outer_batch, trainable)
     return TrainState(zero, k_rng, trainable, meta.stats, self.optimizer.init(trainable),
                       pool, zero, zero, unrolls)
-
-  @property
-  def episode(self) -> Episode:
-    """The inner run this trainer meta-trains (what evaluation and analysis take)."""
-    return Episode(self.network, self.inner_steps, self.batch_size, self.eval_size,
-                   self.learn_init, self.pool_size)
 
   def task_loss(self, trainable, stats, pool, key, task, unroll=None):
     """Outer loss of one task's window and its metrics (scalars).
@@ -171,14 +149,13 @@ class MetaTrainer:
     `Unroll`: the next window of the run in progress (a new task from `key` if its t is
     0). Returns (loss, (metrics, the run advanced by one window or None)).
     """
-    net = self.network
+    episode, net = self.episode, self.episode.network
     meta = MetaParams(trainable["rule"], stats)
     t0 = 0
     if unroll is not None:
       restart = unroll.t == 0
       key = jnp.where(restart, key, unroll.key)
       t0 = unroll.t
-    episode = self.episode
     sample, state0 = episode.start(trainable, pool, key, task)
     if unroll is not None:
       state0 = jax.tree_util.tree_map(lambda a, b: jnp.where(restart, a, b), state0, unroll.state)
@@ -186,29 +163,29 @@ class MetaTrainer:
     ys = jax.lax.dynamic_slice_in_dim(sample.ys, t0, self.window)
     observe = lambda new, old, m, x, y: (m["loss"], net.loss(new, x, y), _sq_distance(net, new, old))
     final, (before, hint, moved) = episode.run(meta, state0, xs, ys, observe, self.remat)
-    held = episode.held_out(final, sample, task.kind)
+    held = episode.held_out(final, sample, task.problem)
     heldout = held["loss"]
-    total = self.loss.hint * jnp.mean(hint) + self.loss.heldout * heldout
+    total = self.objective.hint * jnp.mean(hint) + self.objective.heldout * heldout
     metrics = {"heldout": heldout, "heldout_before": net.loss(state0, sample.x_eval, sample.y_eval),
                "hint": jnp.mean(hint), "first_batch_loss": before[0], "update_sq": jnp.mean(moved)}
-    if self.loss.remember:
+    if self.objective.remember:
       remember = jnp.mean(jax.vmap(lambda x, y: net.loss(final, x, y))(xs, ys))
-      total += self.loss.remember * remember
+      total += self.objective.remember * remember
       metrics["remember"] = remember
-    if self.loss.update_l2:
-      total += self.loss.update_l2 * jnp.mean(moved)
+    if self.objective.update_l2:
+      total += self.objective.update_l2 * jnp.mean(moved)
     if "accuracy" in held:
       metrics["heldout_accuracy"] = held["accuracy"]
     advanced = None
     if unroll is not None:
-      advanced = Unroll(key, (t0 + self.window) % self.inner_steps, jax.lax.stop_gradient(final))
+      advanced = Unroll(key, (t0 + self.window) % episode.inner_steps, jax.lax.stop_gradient(final))
     return total, (metrics, advanced)
 
   def outer_loss(self, trainable, stats, pool, key, task, unrolls=()):
     """Mean outer loss over `outer_batch` tasks (vmapped, sharded over the mesh):
     (loss, (mean metrics, advanced unrolls or ()))."""
     keys = self._shard_tasks(jax.random.split(key, self.outer_batch))
-    if self.truncation:
+    if self.estimator.truncation:
       fn = lambda k, u: self.task_loss(trainable, stats, pool, k, task, u)
       losses, (metrics, unrolls) = jax.vmap(fn)(keys, self._shard_tasks(unrolls))
     else:

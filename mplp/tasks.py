@@ -1,6 +1,6 @@
 """Tasks: where the inner learning problems come from.
 
-A task is anything with `input_size`, `output_size`, `kind` ('regression' or
+A task is anything with `input_size`, `output_size`, `problem` ('regression' or
 'classification') and a pure `sample(key, steps, batch, eval_size) -> TaskSample` that
 draws one learning problem and returns its T inner batches plus held-out data from the
 same problem. `sample` runs under `jit` and `vmap`, so it must be written in JAX. A task
@@ -42,7 +42,7 @@ def jit_with_task(fn, task):
 class Task(Protocol):
   input_size: int
   output_size: int
-  kind: str  # 'regression' | 'classification'
+  problem: str  # 'regression' | 'classification'
 
   def sample(self, key, steps: int, batch: int, eval_size: int) -> TaskSample:
     ...
@@ -60,7 +60,7 @@ class Sinusoid:
   eval_grid: bool = dataclasses.field(metadata=dict(static=True), default=False)
   input_size = 1
   output_size = 1
-  kind = "regression"
+  problem = "regression"
 
   def sample(self, key, steps, batch, eval_size):
     ka, kp, kx, ke = jax.random.split(key, 4)
@@ -96,7 +96,7 @@ class Classification:
   y_test: jax.Array
   classes: int = dataclasses.field(metadata=dict(static=True), default=10)
   permute_classes: bool = dataclasses.field(metadata=dict(static=True), default=False)
-  kind = "classification"
+  problem = "classification"
 
   @property
   def input_size(self) -> int:

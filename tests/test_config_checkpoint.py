@@ -114,29 +114,40 @@ def test_every_experiment_config_is_valid(tmp_path, monkeypatch):
 
 
 def test_a_non_editable_install_trains_a_shipped_config_from_any_directory(tmp_path):
-  """The wheel `pip` builds from this checkout, installed (not editable) into a folder of
-  its own, runs `mplp train sinusoid_5x10` from a temporary directory: the config is
-  package data, not a file of the repository."""
+  """The wheel `pip` builds from this checkout, installed (not editable) into a fresh
+  virtual environment, runs `mplp train sinusoid_5x10` from a temporary directory: the
+  config is package data, not a file of the repository. The fresh environment gets its
+  dependencies (jax, optax, ...) by a path file naming this environment's site-packages,
+  whose own path files (the editable mplp's import hook) are not processed there, so the
+  only mplp it can import is the installed wheel's."""
   import os
   import subprocess
   import sys
+  import sysconfig
+  import venv
   repo = Path(__file__).resolve().parents[1]
   built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(repo), "-w",
                           str(tmp_path / "wheel")], capture_output=True, text=True)
   if built.returncode != 0:
     pytest.skip(f"pip cannot build a wheel here (no build backend reachable): {built.stderr[-300:]}")
   (wheel,) = (tmp_path / "wheel").glob("mplp-*.whl")
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-                  str(tmp_path / "site"), str(wheel)], check=True, capture_output=True)
+  env_dir = tmp_path / "venv"
+  venv.create(env_dir, with_pip=True)
+  python = env_dir / "bin" / "python"
+  site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip())
+  (site / "parent_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+  clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+  subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                 check=True, capture_output=True, env=clean)
   work = tmp_path / "elsewhere"
   work.mkdir()
-  env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
   code = ("import mplp, sys; from mplp.host.cli import main; print(mplp.__file__); "
           "sys.exit(main(['train', 'sinusoid_5x10', '--steps', '0', '--no-progress', '--out', 'run', "
           "'--set', 'run.eval_tasks=0', '--set', 'meta.outer_batch=1', '--set', 'meta.pool_size=2']))")
-  res = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True)
+  res = subprocess.run([str(python), "-c", code], cwd=work, env=clean, capture_output=True, text=True)
   assert res.returncode == 0, res.stderr[-2000:]
-  assert res.stdout.splitlines()[0] == str(tmp_path / "site" / "mplp" / "__init__.py")
+  assert res.stdout.splitlines()[0] == str(site / "mplp" / "__init__.py")
   saved = json.loads((work / "run" / "config.json").read_text())
   assert saved["network"]["preset"] == "sinusoid_5x10" and (work / "run" / "metrics.jsonl").exists()
 

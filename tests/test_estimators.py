@@ -15,6 +15,7 @@ import pytest
 
 from mplp.host import config as config_lib
 from mplp.backprop import BackpropRule
+from mplp.episode import Episode
 from mplp.estimators import ES, Backprop
 from mplp.layers import Activation, Dense
 from mplp.losses import L2
@@ -27,11 +28,10 @@ FLAT = lambda tree: jnp.concatenate([jnp.ravel(a) for a in jax.tree_util.tree_le
 COS = lambda a, b: float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
 
 
-def _maml(estimator, truncation=0, loss=OuterLoss()):
+def _maml(estimator, objective=OuterLoss()):
   net = Network(1, (Dense(8), Activation("relu"), Dense(1), L2()), BackpropRule(0.1))
-  return MetaTrainer(net, optax.sgd(0.0), inner_steps=4, batch_size=10, eval_size=50,
-                     outer_batch=4, loss=loss, learn_init=True, pool_size=0,
-                     truncation=truncation, estimator=estimator)
+  episode = Episode(net, inner_steps=4, batch_size=10, eval_size=50, learn_init=True, pool_size=0)
+  return MetaTrainer(episode, optax.sgd(0.0), estimator, objective, outer_batch=4)
 
 
 _JITTED = {}
@@ -84,7 +84,7 @@ def test_es_is_unbiased_along_the_gradient_of_a_learned_rule():
 def _pes_run(trainer, state, key):
   """Sum of PES estimates over the windows of one run (frozen meta-parameters)."""
   carry, total = state.unrolls, None
-  for w in range(trainer.inner_steps // trainer.truncation):
+  for w in range(trainer.episode.inner_steps // trainer.estimator.truncation):
     _, _, g, carry = _estimate(trainer, state, jax.random.fold_in(key, w) if w else key, carry)
     total = g if total is None else jax.tree_util.tree_map(jnp.add, total, g)
   return FLAT(total)
@@ -97,14 +97,14 @@ def test_pes_over_truncations_agrees_with_full_unroll_es_in_expectation():
   difference on every meta-parameter; truncated backprop, which cuts the windows apart,
   is biased and fails the same check."""
   loss = OuterLoss(hint=1.0, heldout=0.0)
-  es = _maml(ES(sigma=1e-3, pairs=16), loss=loss)
-  pes = _maml(ES(sigma=1e-3, pairs=16), truncation=1, loss=loss)
-  tbptt = _maml(Backprop(), truncation=1, loss=loss)
-  full = _maml(Backprop(), loss=loss)
+  es = _maml(ES(sigma=1e-3, pairs=16), loss)
+  pes = _maml(ES(sigma=1e-3, pairs=16, truncation=1), loss)
+  tbptt = _maml(Backprop(truncation=1), loss)
+  full = _maml(Backprop(), loss)
   state = es.init(jax.random.PRNGKey(0), TASK)
   pes_state = pes.init(jax.random.PRNGKey(0), TASK)
   tb_state = tbptt.init(jax.random.PRNGKey(0), TASK)
-  n = pes.inner_steps // pes.truncation
+  n = pes.episode.inner_steps // pes.estimator.truncation
   diffs, tb_diffs, es_all = [], [], []
   for s in range(24):
     key = jax.random.PRNGKey(100 + s)

@@ -16,7 +16,7 @@ def test_maml_outer_loss_and_meta_gradient_equal_hand_written_maml():
   trainer = config_lib.build_trainer(cfg, net)
   state = jit_with_task(trainer.init, task)(jax.random.PRNGKey(0))
   key = jax.random.fold_in(state.rng, state.step)
-  lr, w = cfg.network.inner_lr, trainer.loss
+  lr, w = cfg.network.inner_lr, trainer.objective
 
   def ours(init):
     trainable = {**state.trainable, "init": init}

@@ -195,12 +195,12 @@ def _eval(a) -> int:
     fits = jax.jit(jax.vmap(lambda k: evaluation.rule_predictions(
         episode, rule.trainable, rule.stats, (), task, k)))(keys)  # one compile for the three
     fits = [jax.tree_util.tree_map(lambda a, i=i: a[i], fits) for i in range(len(keys))]
-  out = report.write(result, out_dir, task.kind, cfg.to_dict(), fits)
+  out = report.write(result, out_dir, task.problem, cfg.to_dict(), fits)
   print((out / "eval.md").read_text())
   if a.wandb != "disabled":
     from mplp.host import tracking
     run = tracking.start_wandb(a.wandb, out, {**cfg.to_dict(), "eval": vars(a)}, cfg.run.wandb_project)
-    metric = report.primary_metric(task.kind)
+    metric = report.primary_metric(task.problem)
     for t in range(episode.inner_steps + 1):
       run.log({f"{m}/{metric}": r[metric]["mean"][t] for m, r in result["methods"].items()}, step=t)
     run.log({"curves_table": tracking.curves_table(result["methods"])}, step=episode.inner_steps)

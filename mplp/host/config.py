@@ -20,7 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Dict, Sequence, Tuple
 
-from mplp import presets
+from mplp import estimators, presets
 from mplp.host import datasets
 from mplp.estimators import ESTIMATORS
 from mplp.layers import ACTIVATIONS
@@ -130,22 +130,22 @@ _SECTION_CLS = {"network": NetworkConfig, "task": TaskConfig, "meta": MetaConfig
 def _check_value(key: str, field: dataclasses.Field, value):
   """Type- and range-check one value; returns it converted (int -> float, list -> tuple)."""
   default, meta = field.default, field.metadata
-  kind = type(default)
-  if kind is tuple:
+  expected = type(default)
+  if expected is tuple:
     if not isinstance(value, (list, tuple)) or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in value):
       raise ConfigError(f"{key}: expected a list of ints, got {value!r}")
     value = tuple(value)
     items = value
-  elif kind is bool:
+  elif expected is bool:
     if not isinstance(value, bool):
       raise ConfigError(f"{key}: expected true or false, got {value!r}")
     items = ()
-  elif kind is int:
+  elif expected is int:
     if isinstance(value, bool) or not isinstance(value, int):
       raise ConfigError(f"{key}: expected an integer, got {value!r}")
     items = (value,)
-  elif kind is float:
+  elif expected is float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
       raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     value = float(value)
@@ -200,17 +200,10 @@ def _check_consistency(c: Config):
   if c.network.rule == "backprop" and not c.meta.learn_init:
     raise ConfigError("network.rule: 'backprop' has nothing to meta-train unless meta.learn_init = true "
                       "(plain MAML); allowed: 'learned', or set meta.learn_init = true and meta.pool_size = 0")
-  if c.meta.truncation and c.task.inner_steps % c.meta.truncation:
-    raise ConfigError(f"meta.truncation: {c.meta.truncation} must divide task.inner_steps "
-                      f"({c.task.inner_steps}); allowed: a divisor of it, or 0 for the whole unroll")
-  windowed = c.meta.estimator in ("truncated", "pes")
-  if windowed and not 0 < c.meta.truncation < c.task.inner_steps + 1:
-    raise ConfigError(f"meta.truncation: meta.estimator = {c.meta.estimator!r} needs a window; "
-                      f"allowed: a divisor of task.inner_steps ({c.task.inner_steps})")
-  if not windowed and c.meta.truncation:
-    raise ConfigError(f"meta.estimator: {c.meta.estimator!r} uses whole unrolls but meta.truncation = "
-                      f"{c.meta.truncation}; allowed with a window: 'truncated' or 'pes' "
-                      "(or set meta.truncation = 0)")
+  try:  # the estimator and its window are checked where they are defined
+    estimators.make(c.meta.estimator, c.meta.truncation, c.task.inner_steps, c.meta.es_sigma, c.meta.es_pairs)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if c.meta.learn_init and c.meta.pool_size:
     raise ConfigError("meta.pool_size: must be 0 when meta.learn_init = true (tasks start from "
                       "the learned initialization, not from a pool)")
@@ -328,7 +321,7 @@ def build_episode(c: Config, network, pool_size: int = 0):
 
 def build_trainer(c: Config, network):
   """The `MetaTrainer` (with a device mesh when more than one device is used)."""
-  from mplp import distributed, estimators
+  from mplp import distributed
   from mplp.meta_train import MetaTrainer, OuterLoss
   from mplp.optim import outer_optimizer
   m = c.meta
@@ -338,9 +331,7 @@ def build_trainer(c: Config, network):
     raise ConfigError(str(e)) from None
   optimizer = outer_optimizer(m.optimizer, m.learning_rate, m.per_tensor_norm,
                               m.clip_global_norm, m.lr_drop_step, m.lr_after_drop)
-  loss = OuterLoss(m.hint_weight, m.heldout_weight, m.remember_weight, m.update_l2_weight)
-  return MetaTrainer(network, optimizer, inner_steps=c.task.inner_steps, batch_size=c.task.batch_size,
-                     eval_size=c.task.eval_size, outer_batch=m.outer_batch, loss=loss,
-                     learn_init=m.learn_init, pool_size=m.pool_size, remat=m.remat,
-                     truncation=m.truncation, mesh=mesh,
-                     estimator=estimators.make(m.estimator, m.es_sigma, m.es_pairs))
+  objective = OuterLoss(m.hint_weight, m.heldout_weight, m.remember_weight, m.update_l2_weight)
+  estimator = estimators.make(m.estimator, m.truncation, c.task.inner_steps, m.es_sigma, m.es_pairs)
+  return MetaTrainer(build_episode(c, network, m.pool_size), optimizer, estimator, objective,
+                     outer_batch=m.outer_batch, remat=m.remat, mesh=mesh)

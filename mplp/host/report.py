@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
+from mplp.host.files import write_atomic
 
-def primary_metric(kind: str) -> str:
-  return "accuracy" if kind == "classification" else "loss"
+
+def primary_metric(problem: str) -> str:
+  return "accuracy" if problem == "classification" else "loss"
 
 
 def table(result: dict, metric: str) -> str:
@@ -90,11 +91,11 @@ def plot_fits(fits, path):
   plt.close(fig)
 
 
-def write(result: dict, out_dir, kind: str, config: dict, fits=None) -> Path:
+def write(result: dict, out_dir, problem: str, config: dict, fits=None) -> Path:
   """Write eval.json, eval.md and the plots; returns the directory."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  metric = primary_metric(kind)
+  metric = primary_metric(problem)
   doc = {"metric": metric,
          "methods": {m: r[metric] for m, r in result["methods"].items()},
          "all_metrics": result["methods"], "learning_rates": result["learning_rates"],
@@ -123,9 +124,7 @@ def finite_json(doc) -> str:
 
 
 def _write_json(path: Path, doc: dict):
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(finite_json(doc))
-  os.replace(tmp, path)
+  write_atomic(path, finite_json(doc))
 
 
 def analysis_table(doc: dict) -> str:

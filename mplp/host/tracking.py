@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 from urllib.parse import urlparse
 
+from mplp.host.files import write_atomic
+
 WANDB_MODES = ("disabled", "offline", "online")
 
 
@@ -91,13 +93,7 @@ class MetricsLog:
     if not path.exists():
       return
     kept = [line for s, line in MetricsLog._steps(path) if s <= step] if step > 0 else []
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-      tmp.write_text("".join(l + "\n" for l in kept))
-      os.replace(tmp, path)
-    except BaseException:  # a full disk: the original stays as it was
-      tmp.unlink(missing_ok=True)
-      raise
+    write_atomic(path, "".join(l + "\n" for l in kept))  # a full disk: the original stays as it was
 
 
 def _has_api_key() -> bool:

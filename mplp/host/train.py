@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
 import time
 import uuid
@@ -28,21 +27,12 @@ import jax
 from mplp import distributed, evaluation
 from mplp.host import checkpoint, config as config_lib, memory, progress as progress_lib, report, tracking
 from mplp.tasks import Sinusoid, jit_with_task
+from mplp.host.files import write_atomic
 from mplp.host.tracking import MetricsLog, start_wandb
 
 
 class RunError(RuntimeError):
   """The run cannot start or go on (existing outputs, a mismatched resume, divergence)."""
-
-
-def _write_atomic(path: Path, text: str):
-  tmp = path.with_name(path.name + ".tmp")
-  try:
-    tmp.write_text(text)
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
 
 
 def _megabytes(n: float) -> str:
@@ -149,6 +139,44 @@ def train(cfg: config_lib.Config, out_dir, *, resume: bool = False, wandb_mode: 
 
 
 def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log, force) -> dict:
+  latest = _resumable(cfg, out, ckpt_dir, cfg_path, resume)
+  task = task if task is not None else config_lib.build_task(cfg)
+  network = config_lib.build_network(cfg, task)
+  memory.check(cfg, network, force)  # before anything compiles or is written
+  trainer = config_lib.build_trainer(cfg, network)
+
+  t0 = time.perf_counter()
+  task = distributed.replicate(task, trainer.mesh)
+  if progress:
+    log("sampling the initial networks and measuring the agents' statistics (compiling)...")
+  state = _initial_state(cfg, trainer, task, latest, log)
+  writer = distributed.is_writer()
+  if writer:
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_partial(ckpt_dir)  # a write cut by a kill
+    if not resume:
+      text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+      with _writing("the config", cfg_path, len(text), ckpt_dir):
+        write_atomic(cfg_path, text)
+  state = _restore(state, out, ckpt_dir, latest, resume, writer, log)
+  state = distributed.replicate(state, trainer.mesh)
+  wb = _open_wandb(cfg, out, ckpt_dir, wandb_mode) if writer else None
+  versions = RuleVersions(out, cfg, wb)
+  state, last = _loop(cfg, trainer, task, state, out, ckpt_dir, writer, wb, versions, progress, log, t0)
+  final = _final_eval(cfg, trainer, task, state, out, ckpt_dir, wb, log) if writer else None
+  if wb is not None:
+    if not cfg.run.wandb_checkpoints or not versions.logged:
+      versions.log(int(distributed.to_host(state.step)))
+    if final is not None:
+      wb.log({"final_eval": tracking.curves_table(final["methods"])}, step=int(distributed.to_host(state.step)))
+      wb.summary.update({f"final/learning_rate/{k}": v for k, v in final["learning_rates"].items()})
+    wb.finish()
+  return {"state": state, "final_eval": final, "metrics": last}
+
+
+def _resumable(cfg, out, ckpt_dir, cfg_path, resume):
+  """Refuse a run directory that cannot be started or resumed as asked, before anything
+  is built or written; the checkpoint to resume from, or None."""
   if resume:
     if not cfg_path.exists():
       raise RunError(f"--resume: {out} has no config.json; there is no run to resume there")
@@ -167,30 +195,24 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
       MetricsLog.check(out / "metrics.jsonl")  # a damaged line is refused, not dropped
     except ValueError as e:
       raise RunError(f"--resume: {e}") from None
+  return latest
 
-  task = task if task is not None else config_lib.build_task(cfg)
-  network = config_lib.build_network(cfg, task)
-  memory.check(cfg, network, force)  # before anything compiles or is written
-  trainer = config_lib.build_trainer(cfg, network)
 
-  t0 = time.perf_counter()
-  task = distributed.replicate(task, trainer.mesh)
-  if progress:
-    log("sampling the initial networks and measuring the agents' statistics (compiling)...")
+def _initial_state(cfg, trainer, task, latest, log):
+  """A fresh TrainState (on the host), with the warm-start rule of `meta.init_rule` for a
+  run that does not resume (read, and refused, before anything is written)."""
   state = distributed.to_host(jit_with_task(trainer.init, task)(jax.random.PRNGKey(cfg.run.seed)))
-  if cfg.meta.init_rule and latest is None:  # read (and refuse) before anything is written
+  if cfg.meta.init_rule and latest is None:
     from mplp.host import sources
     trainable, stats = sources.warm_start(cfg.meta.init_rule, state.trainable, state.stats)
     state = state._replace(trainable=trainable, stats=stats, opt_state=trainer.optimizer.init(trainable))
     log(f"rule and statistics from {cfg.meta.init_rule}")
-  writer = distributed.is_writer()
-  if writer:
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint.remove_partial(ckpt_dir)  # a write cut by a kill
-    if not resume:
-      text = json.dumps(cfg.to_dict(), indent=2) + "\n"
-      with _writing("the config", cfg_path, len(text), ckpt_dir):
-        _write_atomic(cfg_path, text)
+  return state
+
+
+def _restore(state, out, ckpt_dir, latest, resume, writer, log):
+  """The state of the checkpoint resumed from (the metrics log cut back to its step), or
+  `state`; a resumed run killed before its first checkpoint starts over at step 0."""
   metrics_path = out / "metrics.jsonl"
   metrics_size = metrics_path.stat().st_size if metrics_path.exists() else 0
   if latest is not None:
@@ -199,26 +221,33 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
       with _writing("the metrics", metrics_path, metrics_size, ckpt_dir):
         MetricsLog.truncate_after(metrics_path, info["step"])
     log(f"resumed from {latest} (step {info['step']})")
-  elif resume and writer:  # killed before its first checkpoint: start over
+  elif resume and writer:
     with _writing("the metrics", metrics_path, metrics_size, ckpt_dir):
       MetricsLog.truncate_after(metrics_path, 0)
     log(f"no checkpoint in {ckpt_dir} yet; starting {out} from step 0")
-  state = distributed.replicate(state, trainer.mesh)
+  return state
+
+
+def _open_wandb(cfg, out, ckpt_dir, wandb_mode):
+  """The W&B run (resumed under the id the run directory keeps), or None."""
+  id_path = out / "wandb_run_id"
+  run_id = id_path.read_text().strip() if id_path.exists() else None
+  if run_id is None and wandb_mode != "disabled":
+    run_id = uuid.uuid4().hex[:8]
+    with _writing("the W&B run id", id_path, 9, ckpt_dir):
+      write_atomic(id_path, run_id + "\n")
+  wb = start_wandb(wandb_mode, out, cfg.to_dict(), cfg.run.wandb_project, run_id)
+  if wb is not None:  # the run page's summary: the best and the last of each
+    for name, best in (("heldout", "min"), ("heldout_accuracy", "max"), ("meta_loss", "min")):
+      wb.define_metric(name, summary=f"{best},last")
+  return wb
+
+
+def _loop(cfg, trainer, task, state, out, ckpt_dir, writer, wb, versions, progress, log, t0):
+  """Meta-steps from the state's step to `run.steps`: metrics, W&B, the progress bar and
+  checkpoints on their schedules; (final state, the last logged metrics)."""
   start = int(distributed.to_host(state.step))
-
-  wb = None
-  if writer:
-    id_path = out / "wandb_run_id"
-    run_id = id_path.read_text().strip() if id_path.exists() else None
-    if run_id is None and wandb_mode != "disabled":
-      run_id = uuid.uuid4().hex[:8]
-      with _writing("the W&B run id", id_path, 9, ckpt_dir):
-        _write_atomic(id_path, run_id + "\n")
-    wb = start_wandb(wandb_mode, out, cfg.to_dict(), cfg.run.wandb_project, run_id)
-    if wb is not None:  # the run page's summary: the best and the last of each
-      for name, best in (("heldout", "min"), ("heldout_accuracy", "max"), ("meta_loss", "min")):
-        wb.define_metric(name, summary=f"{best},last")
-
+  metrics_path = out / "metrics.jsonl"
   step_fn = jit_with_task(trainer.step, task)
   metrics_log = MetricsLog(metrics_path) if writer else None
   state_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(state))
@@ -228,7 +257,6 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
     bar = progress_lib.bar(cfg.run.steps, "meta-train (compiling)", initial=start, unit="step")
     if start < cfg.run.steps:
       log("compiling the meta-step...")
-  versions = RuleVersions(out, cfg, wb)
   try:
     for t in range(start, cfg.run.steps):
       state, metrics = step_fn(state)
@@ -272,29 +300,26 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
       metrics_log.close()
     if bar is not None:
       bar.close()
+  return state, last
 
-  final = None
-  if cfg.run.eval_tasks > 0 and writer:
-    # The paper's protocol, as `mplp eval` runs it: fresh inner networks (not pool draws).
-    eval_task = dataclasses.replace(task, eval_grid=True) if isinstance(task, Sinusoid) else task
-    final = evaluation.compare(dataclasses.replace(trainer.episode, pool_size=0), distributed.to_host(state),
-                               distributed.to_host(eval_task),
-                               jax.random.PRNGKey(10_000 + cfg.run.seed), cfg.run.eval_tasks, cfg.run.tune_tasks)
-    text = report.finite_json(final)
-    with _writing("the final evaluation", out / "final_eval.json", len(text), ckpt_dir):
-      _write_atomic(out / "final_eval.json", text)
-    log(format_comparison(final, task.kind))
-    if wb is not None:
-      wb.summary.update({f"final/{m}/{k}": v["mean"][-1] for m, r in final["methods"].items()
-                         for k, v in r.items()})
+
+def _final_eval(cfg, trainer, task, state, out, ckpt_dir, wb, log):
+  """The paper's protocol on `run.eval_tasks` tasks, as `mplp eval` runs it (fresh inner
+  networks, not pool draws), written to final_eval.json; None when eval_tasks is 0."""
+  if cfg.run.eval_tasks <= 0:
+    return None
+  eval_task = dataclasses.replace(task, eval_grid=True) if isinstance(task, Sinusoid) else task
+  final = evaluation.compare(dataclasses.replace(trainer.episode, pool_size=0), distributed.to_host(state),
+                             distributed.to_host(eval_task),
+                             jax.random.PRNGKey(10_000 + cfg.run.seed), cfg.run.eval_tasks, cfg.run.tune_tasks)
+  text = report.finite_json(final)
+  with _writing("the final evaluation", out / "final_eval.json", len(text), ckpt_dir):
+    write_atomic(out / "final_eval.json", text)
+  log(format_comparison(final, task.problem))
   if wb is not None:
-    if not cfg.run.wandb_checkpoints or not versions.logged:
-      versions.log(int(distributed.to_host(state.step)))
-    if final is not None:
-      wb.log({"final_eval": tracking.curves_table(final["methods"])}, step=int(distributed.to_host(state.step)))
-      wb.summary.update({f"final/learning_rate/{k}": v for k, v in final["learning_rates"].items()})
-    wb.finish()
-  return {"state": state, "final_eval": final, "metrics": last}
+    wb.summary.update({f"final/{m}/{k}": v["mean"][-1] for m, r in final["methods"].items()
+                       for k, v in r.items()})
+  return final
 
 
 class RuleVersions:
@@ -325,9 +350,9 @@ class RuleVersions:
     self.window, self.logged = [], self.logged + 1
 
 
-def format_comparison(final: dict, kind: str) -> str:
+def format_comparison(final: dict, problem: str) -> str:
   """A plain-text table: held-out metric (mean +- 95% CI) per inner step and method."""
-  metric = "accuracy" if kind == "classification" else "loss"
+  metric = "accuracy" if problem == "classification" else "loss"
   methods = final["methods"]
   steps = len(next(iter(methods.values()))[metric]["mean"])
   head = f"held-out {metric} on {final['tasks']} fresh tasks (mean +- 95% CI); step 0 = before learning"
