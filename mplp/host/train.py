@@ -147,7 +147,7 @@ def _train(cfg, out, ckpt_dir, cfg_path, resume, wandb_mode, task, progress, log
 
   t0 = time.perf_counter()
   task = distributed.replicate(task, trainer.mesh)
-  if progress:
+  if progress and latest is None:
     log("sampling the initial networks and measuring the agents' statistics (compiling)...")
   state = _initial_state(cfg, trainer, task, latest, log)
   writer = distributed.is_writer()
@@ -200,9 +200,15 @@ def _resumable(cfg, out, ckpt_dir, cfg_path, resume):
 
 def _initial_state(cfg, trainer, task, latest, log):
   """A fresh TrainState (on the host), with the warm-start rule of `meta.init_rule` for a
-  run that does not resume (read, and refused, before anything is written)."""
-  state = distributed.to_host(jit_with_task(trainer.init, task)(jax.random.PRNGKey(cfg.run.seed)))
-  if cfg.meta.init_rule and latest is None:
+  run that does not resume (read, and refused, before anything is written). A run that
+  resumes from a checkpoint gets only the state's shapes: the checkpoint replaces every
+  array, so the initialization (about 9 s of compilation for the shipped configs) is
+  not run."""
+  key = jax.random.PRNGKey(cfg.run.seed)
+  if latest is not None:
+    return jax.eval_shape(lambda k: trainer.init(k, task), key)
+  state = distributed.to_host(jit_with_task(trainer.init, task)(key))
+  if cfg.meta.init_rule:
     from mplp.host import sources
     trainable, stats = sources.warm_start(cfg.meta.init_rule, state.trainable, state.stats)
     state = state._replace(trainable=trainable, stats=stats, opt_state=trainer.optimizer.init(trainable))
