@@ -66,7 +66,7 @@ def check_window(truncation: int, inner_steps: int) -> None:
 
 
 def _check_truncation(truncation) -> None:
-  if not isinstance(truncation, int) or truncation < 0:
+  if isinstance(truncation, bool) or not isinstance(truncation, int) or truncation < 0:
     raise ValueError(f"meta.truncation: must be an int >= 0 (0: whole unrolls), got {truncation!r}")
 
 

@@ -358,7 +358,7 @@ class RuleVersions:
 
 def format_comparison(final: dict, problem: str) -> str:
   """A plain-text table: held-out metric (mean +- 95% CI) per inner step and method."""
-  metric = "accuracy" if problem == "classification" else "loss"
+  metric = report.primary_metric(problem)
   methods = final["methods"]
   steps = len(next(iter(methods.values()))[metric]["mean"])
   head = f"held-out {metric} on {final['tasks']} fresh tasks (mean +- 95% CI); step 0 = before learning"
