@@ -63,8 +63,11 @@ def _flops(net, meta, what, args):
   """XLA's flop count of the same computation with no loops (XLA counts a loop body
   once): agents in one call, the unroll as a Python loop."""
   import jax
-  from mplp import agents
+  from mplp import agents, compiling
+  # The cell's own backward pass recomputes its forward; count the autodiff one instead,
+  # which keeps the forward's intermediates (the work, without recomputation).
   saved, agents.CHUNK_AGENTS = agents.CHUNK_AGENTS, 1 << 62
+  saved_cell, agents._gru = agents._gru, agents._gru.fun
   try:
     if what == "inner_step":
       fn = lambda *a: net.inner_step(*a)  # a fresh function: no reuse of the chunked trace
@@ -77,9 +80,9 @@ def _flops(net, meta, what, args):
             s, _ = net.inner_step(m._replace(params=p), s, xs[t], ys[t])
           return net.loss(s, xs[-1], ys[-1])
         return jax.grad(loss)(params)
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = compiling.jit(fn).lower(*args).compile().cost_analysis()
   finally:
-    agents.CHUNK_AGENTS = saved
+    agents.CHUNK_AGENTS, agents._gru = saved, saved_cell
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
@@ -238,7 +241,7 @@ def run_one(name: str, repeats: int) -> dict:
     return run_devices(name, repeats)
   import jax
   import jax.numpy as jnp
-  from mplp import presets
+  from mplp import compiling, presets
 
   shape, what = name.rsplit("_", 2)[0], name.split("_", 1)[1]
   preset, batch, steps = SHAPES[shape]
@@ -259,7 +262,7 @@ def run_one(name: str, repeats: int) -> dict:
   else:
     raise SystemExit(f"unknown benchmark {name!r}")
   t = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
+  compiled = compiling.jit(fn).lower(*args).compile()
   jax.block_until_ready(compiled(*args))
   compile_s = time.perf_counter() - t
   median, times = _time(compiled, args, repeats)

@@ -55,11 +55,11 @@ def main():
     meta = mplp.minibatch_init.measure(net, meta, net.init(k_net, batch), s_xs, s_ys)
     label = "untrained MPLP rule"
   state = net.init(k_net, batch)
-  mplp_curve = jax.jit(held_out_curve, static_argnums=0)(net, meta, state, xs, ys, x_eval, y_eval)
+  mplp_curve = mplp.compiling.jit(held_out_curve, static_argnums=0)(net, meta, state, xs, ys, x_eval, y_eval)
 
   sgd = mplp.Network(1, net.layers, mplp.BackpropRule(0.3))
   sgd_state = sgd.init(k_net, batch, weights=net.weights(state))  # same initial weights
-  sgd_curve = jax.jit(held_out_curve, static_argnums=0)(
+  sgd_curve = mplp.compiling.jit(held_out_curve, static_argnums=0)(
       sgd, sgd.init_meta(k_meta), sgd_state, xs, ys, x_eval, y_eval)
 
   print("held-out L2 loss on 100 points after each inner step (step 0 = before learning)")

@@ -5,7 +5,7 @@ meta-training, estimators, evaluation, analysis); none imports from `mplp.host`,
 side (configs, the train loop and run directories, checkpoints, tracking, reports, data
 loading, the CLI)."""
 
-from mplp import agents, episode, evaluation, meta_train, minibatch_init, optim, presets, reference, tasks
+from mplp import agents, compiling, episode, evaluation, meta_train, minibatch_init, optim, presets, reference, tasks
 from mplp.backprop import BackpropRule
 from mplp.episode import Episode, TrainedRule
 from mplp.layers import ACTIVATIONS, Activation, Dense, Softmax
@@ -18,6 +18,6 @@ from mplp.tasks import Classification, Sinusoid, Task, TaskSample
 __all__ = [
     "ACTIVATIONS", "Activation", "BackpropRule", "Classification", "CrossEntropy", "Dense", "Episode",
     "InnerState", "L1", "L2", "LearnedRule", "MetaParams", "MetaTrainer", "Network", "OuterLoss",
-    "Softmax", "Sinusoid", "Task", "TaskSample", "TrainState", "TrainedRule", "agents", "episode",
+    "Softmax", "Sinusoid", "Task", "TaskSample", "TrainState", "TrainedRule", "agents", "compiling", "episode",
     "evaluation", "meta_train", "minibatch_init", "optim", "presets", "reference", "tasks",
 ]

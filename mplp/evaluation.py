@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mplp import compiling
 from mplp.episode import Episode, inner_state_bytes, scan_steps
 from mplp.learned import MetaParams
 
@@ -96,7 +97,7 @@ def _paired_runner(episode: Episode, trainable, pool, task, make_opt: Callable):
   """`run(lrs [n], keys [n], length) -> {metric: [n, T + 1]}`: task i learned at lrs[i],
   the batch padded to `length` (repeating its last pair) so that calls with different n
   share one compile."""
-  jitted = jax.jit(jax.vmap(lambda lr, key: _optax_curve(episode, trainable, pool, task, make_opt, lr, key)))
+  jitted = compiling.jit(jax.vmap(lambda lr, key: _optax_curve(episode, trainable, pool, task, make_opt, lr, key)))
 
   def run(lrs, keys, length):
     n = len(keys)
@@ -147,7 +148,7 @@ def compare(episode: Episode, rule, task, key, n_tasks: int, tune_tasks: int,
   methods = {}
   for name, ep, st in (("mplp", episode, rule), *others):
     on_phase(f"{name} on {n_tasks} tasks")
-    curves = jax.jit(lambda keys, ep=ep, st=st: rule_curves(ep, st.trainable, st.stats, st.pool, task, keys))(eval_keys)
+    curves = compiling.jit(lambda keys, ep=ep, st=st: rule_curves(ep, st.trainable, st.stats, st.pool, task, keys))(eval_keys)
     methods[name] = {m: curve_summary(c) for m, c in curves.items()}
   chosen = {}
   grids = {name: LR_GRIDS.get(name, DEFAULT_GRID) for name in optimizers}

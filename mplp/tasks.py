@@ -20,6 +20,8 @@ from typing import NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
+from mplp import compiling
+
 
 class TaskSample(NamedTuple):
   xs: jax.Array      # [T, B, in] inner batches
@@ -29,13 +31,13 @@ class TaskSample(NamedTuple):
 
 
 def jit_with_task(fn, task):
-  """`jax.jit(fn)` for `fn(*args, task)`, returning `g(*args)`: a pytree task travels as
+  """`compiling.jit(fn)` for `fn(*args, task)`, returning `g(*args)`: a pytree task travels as
   an argument (its arrays are not baked into the program), any other task object is
   closed over as a constant."""
   leaves = jax.tree_util.tree_leaves(task)
   if len(leaves) == 1 and leaves[0] is task:  # not a pytree
-    return jax.jit(lambda *args: fn(*args, task))
-  jitted = jax.jit(fn)
+    return compiling.jit(lambda *args: fn(*args, task))
+  jitted = compiling.jit(fn)
   return lambda *args: jitted(*args, task)
 
 

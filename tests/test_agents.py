@@ -52,6 +52,50 @@ def test_stateful_cell_equations():
   np.testing.assert_allclose(msg, expected[:, -2:], atol=1e-6)
 
 
+def _cell_equations(p, parts, c):
+  """The stateful cell written out in plain jnp on the concatenated input (the oracle)."""
+  g = p["gru"]
+  x = jnp.concatenate([jnp.broadcast_to(q, c.shape[:-1] + q.shape[-1:]) for q in parts], -1)
+  mlp = lambda pre, h: jnp.tanh(jnp.tanh(h @ p[f"gru/{pre}_0"]["w"] + p[f"gru/{pre}_0"]["b"])
+                                @ p[f"gru/{pre}_1"]["w"] + p[f"gru/{pre}_1"]["b"]) @ p[f"gru/{pre}_2"]["w"]
+  z = jax.nn.sigmoid(x @ g["wzx"] + c @ g["wzc"] + g["bz"])
+  r = jax.nn.sigmoid(x @ g["wrx"] + c @ g["wrc"] + g["br"])
+  return z * c + (1 - z) * jnp.tanh(mlp("mlp_x", x) + mlp("mlp_c", r * c) + g["b"])
+
+
+@pytest.mark.parametrize("layout", ["weight", "bias", "fewer_axes", "vmapped"])
+def test_stateful_backward_pass_equals_autodiff_of_the_equations(layout):
+  """The cell's hand-written backward pass (it recomputes the forward and reduces each
+  broadcast part's cotangent to its own shape) against `jax.grad` of the written-out
+  equations: every parameter, every input part and the carry, in float64."""
+  with jax.enable_x64(True):
+    net = agents.make("stateful", 6, 4, 7, has_update=True)
+    params = net.init(jax.random.PRNGKey(0))
+    k = jax.random.split(jax.random.PRNGKey(1), 5)
+    if layout in ("weight", "vmapped"):
+      parts, _ = _weight_agent_inputs(k[0])
+      shape = (3, 12, 5)
+    elif layout == "bias":  # message [B, O, M], value [1, O, 1], input [B, O, 1]
+      parts = [jax.random.normal(k[0], (3, 5, 4)), jax.random.normal(k[1], (1, 5, 1)),
+               jax.random.normal(k[2], (3, 5, 1))]
+      shape = (3, 5)
+    else:  # parts with fewer axes than the agents (numpy broadcasting)
+      parts = [jax.random.normal(k[0], (4,)), jax.random.normal(k[1], (5, 3, 1)), jax.random.normal(k[2], (1,))]
+      shape = (5, 3)
+    carry = jax.random.normal(k[3], shape + (net.carry_size,))
+    weights = jax.random.normal(k[4], shape + (net.carry_size,))
+    loss = lambda cell: lambda p, a, c: jnp.sum(jnp.sin(cell(p, a, c)) * weights)
+    mine, oracle = loss(lambda p, a, c: net.apply(p, a, c)[2]), loss(_cell_equations)
+    if layout == "vmapped":  # an outer batch of 2 tasks, parameters shared
+      carry = jnp.stack([carry, 2 * carry])
+      batched = lambda f: lambda p, a, c: jnp.sum(jax.vmap(f, in_axes=(None, None, 0))(p, a, c))
+      mine, oracle = batched(mine), batched(oracle)
+    got = jax.jit(jax.grad(mine, argnums=(0, 1, 2)))(params, parts, carry)
+    want = jax.grad(oracle, argnums=(0, 1, 2))(params, parts, carry)
+    chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-12)
+    assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree_util.tree_leaves(got))
+
+
 @pytest.mark.parametrize("batch,n_in,n_out,max_agents", [
     (10, 1, 257, 2048),   # a 1-input first layer 257 wide: its fan-in axis has extent 1
     (4099, 1, 3, 2048),   # a large prime batch on a 1-input layer

@@ -164,7 +164,7 @@ def _writable_dir(path: str) -> str:
 def _eval(a) -> int:
   import dataclasses
   import jax
-  from mplp import evaluation
+  from mplp import compiling, evaluation
   from mplp.host import progress, report
   from mplp.tasks import Sinusoid
   if a.tasks < 2 or a.tune_tasks < 1:
@@ -192,7 +192,7 @@ def _eval(a) -> int:
   fits = None
   if isinstance(task, Sinusoid):
     keys = jax.random.split(jax.random.split(key)[0], a.tasks)[:3]  # the first evaluation tasks
-    fits = jax.jit(jax.vmap(lambda k: evaluation.rule_predictions(
+    fits = compiling.jit(jax.vmap(lambda k: evaluation.rule_predictions(
         episode, rule.trainable, rule.stats, (), task, k)))(keys)  # one compile for the three
     fits = [jax.tree_util.tree_map(lambda a, i=i: a[i], fits) for i in range(len(keys))]
   out = report.write(result, out_dir, task.problem, cfg.to_dict(), fits)
