@@ -107,7 +107,6 @@ def run_meta_step(name: str, repeats: int) -> dict:
   with its config (4 tasks x 5 steps), or the mnist_20x8 shape (144-50-10, 1 task x 20
   steps of 8) on synthetic 144-feature data (no download)."""
   import jax
-  import jax.numpy as jnp
   from mplp.host import config as config_lib
   from mplp.tasks import jit_with_task
   if name == "sinusoid_meta_step":
@@ -240,7 +239,6 @@ def run_one(name: str, repeats: int) -> dict:
   if name.startswith("devices_"):
     return run_devices(name, repeats)
   import jax
-  import jax.numpy as jnp
   from mplp import compiling, presets
 
   shape, what = name.rsplit("_", 2)[0], name.split("_", 1)[1]

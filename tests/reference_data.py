@@ -3,7 +3,6 @@
 import os
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from mplp.layers import Dense

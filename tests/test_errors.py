@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mplp import Activation, CrossEntropy, Dense, L2, LearnedRule, Network, Softmax, presets
+from mplp import Activation, Dense, L2, LearnedRule, Network, Softmax, presets
 
 
 def _fresh(net, batch):
