@@ -19,7 +19,8 @@ import subprocess
 import sys
 import time
 
-# The authors' TensorFlow implementation on this kind of machine (shared/reference).
+# The authors' TensorFlow implementation on this kind of machine's EPYC CPUs (shared/reference);
+# `--authors FILE` replaces them with a side-by-side run of ../shared/anchor-tf/bench_tf.py.
 AUTHORS_S = {"sinusoid_inner_step": 5.9e-3, "mnist_inner_step": 28e-3,
              "sinusoid_meta_step": 0.30, "mnist_meta_step": 0.85}
 AUTHORS_PEAK_MB = {"sinusoid_meta_step": 1.95e3, "mnist_meta_step": 2.74e3}
@@ -295,13 +296,29 @@ NAMES = ("sinusoid_inner_step", "mnist_inner_step", "sinusoid_unroll_grad", "mni
 MEMORY_LIMIT_GB = 18  # a child that needs more fails (reported), instead of swapping the machine
 
 
+def _read_authors(path: str) -> dict:
+  """{name: {"median_s", "peak_rss_mb", ...}} from bench_tf.py's output; a clear error otherwise."""
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, ValueError) as e:
+    raise SystemExit(f"--authors: cannot read {path!r} as bench_tf.py's JSON ({e})")
+  bad = [k for k, v in data.items() if not isinstance(v, dict) or "median_s" not in v]
+  if not isinstance(data, dict) or bad:
+    raise SystemExit(f"--authors: {path!r} is not bench_tf.py's output (entries without median_s: {bad})")
+  return data
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--only", nargs="+", choices=NAMES, help="run only these benchmarks")
   p.add_argument("--repeats", type=int, default=30)
   p.add_argument("--out", default="results.json", help="JSON file to write")
+  p.add_argument("--authors", help="bench_tf.py's JSON from this machine (../shared/anchor-tf): compare "
+                                   "with its medians instead of the stored EPYC figures")
   p.add_argument("--child", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
+  authors = _read_authors(a.authors) if a.authors else None
   if a.child:
     limit = MEMORY_LIMIT_GB << 30
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -321,6 +338,10 @@ def main(argv=None):
       continue
     results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     r = results[name]
+    if authors is not None and name in authors:
+      theirs = authors[name]
+      r.update(authors_s=theirs["median_s"], authors_peak_mb=theirs.get("peak_rss_mb"),
+               speedup_vs_authors=theirs["median_s"] / r["median_s"], authors_source=a.authors)
     rate = f"{r['agent_updates_per_s']:.3g} agent-updates/s  " if "agent_updates_per_s" in r else ""
     rate += f"{r['achieved_gflops']:6.1f} GFLOP/s " if "achieved_gflops" in r else ""
     rate += f"(matmul {r['matmul_2048_gflops']:.0f})" if "matmul_2048_gflops" in r else ""
