@@ -173,8 +173,9 @@ def _parts_linear_grad(parts, shape, w, d):
 def _contract_agents(a, b):
   """a.T @ b for a [N, k], b [N, m]: [k, m], a sum over the agents.
 
-  XLA's CPU backend copies the transposed operand before the product; transposing the
-  narrower one (and the small [m, k] result) halves that copy for the MLPs' kernels.
+  XLA's CPU backend copies the transposed operand before the product; this transposes
+  the narrower one (and the small [m, k] result). Measured in the MNIST meta-step's
+  profile: those copies' kernel time 103 -> 87 ms a step; its wall time within noise.
   """
   return a.T @ b if a.shape[1] <= b.shape[1] else (b.T @ a).T
 

@@ -32,26 +32,6 @@ def test_chunked_apply_equals_apply(family):
   chex.assert_trees_all_close(g_chunk, g_whole, atol=1e-5, rtol=1e-5)
 
 
-def test_stateful_cell_equations():
-  """The cell against its equations written out in plain jnp on the concatenated input."""
-  net = agents.stateful(5, 2, 3, has_update=True)
-  p = net.init(jax.random.PRNGKey(0))
-  assert float(p["gru"]["bz"][0]) == -1.0 and float(p["gru"]["br"][0]) == -1.0
-  x = jax.random.normal(jax.random.PRNGKey(1), (7, 5))
-  c = jax.random.normal(jax.random.PRNGKey(2), (7, 6))
-  update, msg, new = net.apply(p, [x[:, :2], x[:, 2:3], x[:, 3:]], c)
-  g = p["gru"]
-  mlp = lambda pre, h: jnp.tanh(jnp.tanh(h @ p[f"gru/{pre}_0"]["w"] + p[f"gru/{pre}_0"]["b"])
-                                @ p[f"gru/{pre}_1"]["w"] + p[f"gru/{pre}_1"]["b"]) @ p[f"gru/{pre}_2"]["w"]
-  z = jax.nn.sigmoid(x @ g["wzx"] + c @ g["wzc"] + g["bz"])
-  r = jax.nn.sigmoid(x @ g["wrx"] + c @ g["wrc"] + g["br"])
-  cand = jnp.tanh(mlp("mlp_x", x) + mlp("mlp_c", r * c) + g["b"])
-  expected = z * c + (1 - z) * cand
-  np.testing.assert_allclose(new, expected, atol=1e-6)
-  np.testing.assert_allclose(update, expected[:, 0], atol=1e-6)
-  np.testing.assert_allclose(msg, expected[:, -2:], atol=1e-6)
-
-
 def _cell_equations(p, parts, c):
   """The stateful cell written out in plain jnp on the concatenated input (the oracle)."""
   g = p["gru"]
@@ -61,6 +41,22 @@ def _cell_equations(p, parts, c):
   z = jax.nn.sigmoid(x @ g["wzx"] + c @ g["wzc"] + g["bz"])
   r = jax.nn.sigmoid(x @ g["wrx"] + c @ g["wrc"] + g["br"])
   return z * c + (1 - z) * jnp.tanh(mlp("mlp_x", x) + mlp("mlp_c", r * c) + g["b"])
+
+
+def test_stateful_cell_equations():
+  """The cell against its equations written out in plain jnp on the concatenated input
+  (float64: the two compute in different orders)."""
+  with jax.enable_x64(True):
+    net = agents.stateful(5, 2, 3, has_update=True)
+    p = net.init(jax.random.PRNGKey(0))
+    assert float(p["gru"]["bz"][0]) == -1.0 and float(p["gru"]["br"][0]) == -1.0
+    x = jax.random.normal(jax.random.PRNGKey(1), (7, 5))
+    c = jax.random.normal(jax.random.PRNGKey(2), (7, 6))
+    update, msg, new = net.apply(p, [x[:, :2], x[:, 2:3], x[:, 3:]], c)
+    expected = _cell_equations(p, [x], c)
+    np.testing.assert_allclose(new, expected, atol=1e-6)
+    np.testing.assert_allclose(update, expected[:, 0], atol=1e-6)
+    np.testing.assert_allclose(msg, expected[:, -2:], atol=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["weight", "bias", "fewer_axes", "vmapped"])
