@@ -12,7 +12,8 @@ Jit your own functions with `mplp.compiling.jit` to get the same programs.
   meta-step 1.00 -> 0.89 s, sinusoid meta-step 136 -> 124 ms, MNIST inner step 13.4 ->
   12.1 ms, sinusoid inner step 2.5 -> 2.1 ms. YNNPACK's products also slow each other
   down when XLA runs two at once (two independent [57,600, 80] x [80, 40] products took
-  6.5-7 ms each side by side, 1.5 ms alone). The option is ignored on other platforms.
+  6.5-7 ms each side by side, 1.5 ms alone). It is an XLA CPU option; mplp has not been
+  measured on other platforms with it.
 """
 
 from __future__ import annotations
