@@ -65,10 +65,11 @@ def _flops(net, meta, what, args):
   once): agents in one call, the unroll as a Python loop."""
   import jax
   from mplp import agents, compiling
-  # The cell's own backward pass recomputes its forward; count the autodiff one instead,
-  # which keeps the forward's intermediates (the work, without recomputation).
+  # The cell's own backward passes (fused kernel, or XLA's) recompute its forward, and
+  # XLA cannot count a kernel's flops: count the autodiff XLA cell instead, which keeps
+  # the forward's intermediates (the work, without recomputation).
   saved, agents.CHUNK_AGENTS = agents.CHUNK_AGENTS, 1 << 62
-  saved_cell, agents._gru = agents._gru, agents._gru.fun
+  saved_cell, agents._gru = agents._gru, agents._gru_xla.fun
   try:
     if what == "inner_step":
       fn = lambda *a: net.inner_step(*a)  # a fresh function: no reuse of the chunked trace

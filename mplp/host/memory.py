@@ -43,8 +43,11 @@ def estimate(cfg, network) -> Dict[str, Part]:
   parts = {
       "pool": Part(m.pool_size * weights, f"meta.pool_size {m.pool_size} initial networks' weights "
                    f"(network.hidden {list(cfg.network.hidden)}, {network.output_size} outputs)"),
-      # Backprop keeps each inner step's agent carries and inputs for the backward pass.
-      "unroll": Part(tasks * (saved + 1) * 2 * one,
+      # Backprop keeps each inner step's state (the agents' carries) for the backward
+      # pass; the XLA cell also keeps the agents' broadcast inputs (about as much again),
+      # the fused cell kernel only their X-float concatenation: one state a step is the
+      # bound for both.
+      "unroll": Part(tasks * (saved + 1) * one,
                      f"meta.outer_batch {m.outer_batch} x {saved} saved inner steps (task.inner_steps "
                      f"{t.inner_steps}, meta.estimator {m.estimator!r}) of one network ({sized})"),
       "held-out": Part(tasks * t.eval_size * (2 * sum(network.widths) + network.input_size) * item,

@@ -1,0 +1,519 @@
+// The stateful agent cell (mplp/agents.py, module docstring) as one CPU kernel per tile
+// of agents: forward, and backward with the forward recomputed, every intermediate of a
+// tile of T agents kept in cache instead of streamed through memory by one XLA kernel per
+// op. Built and loaded by mplp/cell_kernel.py (g++ -O3 -march=native).
+//
+// Shapes (float32, row-major):
+//   x      [G, n, X]   the agents' input (the concatenated parts), G groups of n agents
+//   c      [G, n, C]   the carry
+//   params [Gp, P]     Gp = 1 (shared by every group) or G; per group, in this order:
+//                      wgx [X, 2C] (z columns, then r), wgc [C, 2C], bg [2C],
+//                      wx0 [X, H1], bx0 [H1], wx1 [H1, H2], bx1 [H2], wx2 [H2, C],
+//                      wc0 [C, H1], bc0 [H1], wc1 [H1, H2], bc1 [H2], wc2 [H2, C], b [C]
+//   forward:  -> new [G, n, C]
+//   backward: (x, c, params, d_new [G, n, C]) -> d_x [G, n, X], d_c [G, n, C],
+//             d_params [G, P] (each group's parameter cotangent, summed over its agents)
+//
+// The equations: g = x wgx + c wgc + bg; z = sigmoid(g[:C]); r = sigmoid(g[C:]);
+// hx0 = tanh(x wx0 + bx0); hx1 = tanh(hx0 wx1 + bx1); hc0 = tanh((r c) wc0 + bc0);
+// hc1 = tanh(hc0 wc1 + bc1); cand = tanh(hx1 wx2 + hc1 wc2 + b); new = z c + (1 - z) cand.
+//
+// Layout: inside a tile every tensor is channel-major, [channels, T] ("structure of
+// arrays"): a vector register holds one channel of VW agents, so no channel count is
+// padded to the vector width, and every product is out[j] += w[k, j] * in[k] with the
+// weight broadcast. Parameter cotangents are sums over agents; each task keeps them per
+// vector lane ([P, VW]) and reduces the lanes once at the end.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <immintrin.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int VW = 16;  // floats per vector register (32 registers)
+constexpr int JB = 6;   // output channels a product keeps in registers (x 4 vectors of agents)
+constexpr int OKB = 4, OJB = 5;  // rows x columns of a cotangent block in registers
+#else
+constexpr int VW = 8;   // (16 registers)
+constexpr int JB = 2;
+constexpr int OKB = 2, OJB = 4;
+#endif
+constexpr int T = 64;        // agents per tile
+constexpr int A = T / VW;    // vectors of agents per channel
+constexpr int AB = 4;        // vectors of agents a product keeps in registers
+typedef float vf __attribute__((vector_size(VW * 4)));
+
+#if defined(__AVX512F__)
+inline vf splat(float a) { return (vf)_mm512_set1_ps(a); }
+#elif defined(__AVX__)
+inline vf splat(float a) { return (vf)_mm256_set1_ps(a); }
+#else
+inline vf splat(float a) { return vf{} + a; }
+#endif
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+// 1 / q: the hardware's estimate and one Newton step (about 23 bits; a division is
+// several times slower and tanh is most of the cell's work besides the products).
+inline vf recip(vf q) {
+#if defined(__AVX512F__)
+  vf e = (vf)_mm512_rcp14_ps((__m512)q);
+#elif defined(__AVX__)
+  vf e = (vf)_mm256_rcp_ps((__m256)q);
+#else
+  vf e = 1.0f / q;
+#endif
+  return e * (2.0f - q * e);
+}
+
+// tanh as XLA's CPU backend computes it (Eigen's rational approximation, clamped).
+inline vf tanh_v(vf x) {
+  const vf lim = splat(7.90531110763549805f);
+  vf xc = x > lim ? lim : x;
+  xc = xc < -lim ? -lim : xc;
+  const vf x2 = xc * xc;
+  vf p = splat(-2.76076847742355e-16f);
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  p = p * xc;
+  vf q = splat(1.19825839466702e-06f);
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  const vf t = p * recip(q);
+  const vf ax = x < 0 ? -x : x;
+  return ax < 0.0004f ? x : t;
+}
+inline vf sigmoid_v(vf x) { return 0.5f * tanh_v(0.5f * x) + 0.5f; }
+
+// out[j0 + jb] (+)= bias + sum_k w[k, j0 + jb] * in[k] for jb < J, on AB vectors of agents
+// starting at vector a0. in, out: [channels, T]; w: [K, ldw].
+template <int J>
+inline void dense_block(const float* in, int K, const float* w, int ldw, int j0, int a0,
+                        const float* bias, bool accumulate, float* out) {
+  vf acc[J][AB];
+  for (int j = 0; j < J; ++j)
+    for (int a = 0; a < AB; ++a)
+      acc[j][a] = accumulate ? load(out + (j0 + j) * T + (a0 + a) * VW) : splat(bias ? bias[j0 + j] : 0.0f);
+  for (int k = 0; k < K; ++k) {
+    vf v[AB];
+    for (int a = 0; a < AB; ++a) v[a] = load(in + k * T + (a0 + a) * VW);
+    for (int j = 0; j < J; ++j) {
+      const vf s = splat(w[k * ldw + j0 + j]);
+      for (int a = 0; a < AB; ++a) acc[j][a] += s * v[a];
+    }
+  }
+  for (int j = 0; j < J; ++j)
+    for (int a = 0; a < AB; ++a) store(out + (j0 + j) * T + (a0 + a) * VW, acc[j][a]);
+}
+
+// A tile's product: out [J, T] (+)= bias [J] + w[K, J]^T-contracted in [K, T], i.e.
+// out[j, t] = bias[j] + sum_k w[k, j] in[k, t]  (w row-major with row stride ldw).
+inline void dense(const float* in, int K, const float* w, int ldw, int J, const float* bias,
+                  bool accumulate, float* out) {
+  for (int a0 = 0; a0 < A; a0 += AB) {
+    int j0 = 0;
+    for (; j0 + JB <= J; j0 += JB) dense_block<JB>(in, K, w, ldw, j0, a0, bias, accumulate, out);
+    for (; j0 + 2 <= J; j0 += 2) dense_block<2>(in, K, w, ldw, j0, a0, bias, accumulate, out);
+    for (; j0 < J; ++j0) dense_block<1>(in, K, w, ldw, j0, a0, bias, accumulate, out);
+  }
+}
+
+// Per-lane cotangent of a product's weights: dw[k, j] += in[k] * d[j] (lane by lane, over
+// the tile's vectors of agents). in [K, T], d [J, T], dw [K, J, VW] (row stride ldw * VW).
+template <int KB, int JJ>
+inline void outer_block(const float* in, int k0, const float* d, int j0, float* dw, int ldw) {
+  vf acc[KB][JJ];
+  for (int k = 0; k < KB; ++k)
+    for (int j = 0; j < JJ; ++j) acc[k][j] = load(dw + ((k0 + k) * ldw + j0 + j) * VW);
+  for (int a = 0; a < A; ++a) {
+    vf u[KB], v[JJ];
+    for (int k = 0; k < KB; ++k) u[k] = load(in + (k0 + k) * T + a * VW);
+    for (int j = 0; j < JJ; ++j) v[j] = load(d + (j0 + j) * T + a * VW);
+    for (int k = 0; k < KB; ++k)
+      for (int j = 0; j < JJ; ++j) acc[k][j] += u[k] * v[j];
+  }
+  for (int k = 0; k < KB; ++k)
+    for (int j = 0; j < JJ; ++j) store(dw + ((k0 + k) * ldw + j0 + j) * VW, acc[k][j]);
+}
+
+template <int KB>
+inline void outer_rows(const float* in, int k0, const float* d, int J, float* dw, int ldw) {
+  int j0 = 0;
+  for (; j0 + OJB <= J; j0 += OJB) outer_block<KB, OJB>(in, k0, d, j0, dw, ldw);
+  for (; j0 < J; ++j0) outer_block<KB, 1>(in, k0, d, j0, dw, ldw);
+}
+
+inline void outer(const float* in, int K, const float* d, int J, float* dw, int ldw) {
+  int k0 = 0;
+  for (; k0 + OKB <= K; k0 += OKB) outer_rows<OKB>(in, k0, d, J, dw, ldw);
+  for (; k0 < K; ++k0) outer_rows<1>(in, k0, d, J, dw, ldw);
+}
+
+// Per-lane cotangent of a bias: db[j] += d[j] over the tile. d [J, T], db [J, VW].
+inline void lane_sum(const float* d, int J, float* db) {
+  for (int j = 0; j < J; ++j) {
+    vf s = load(db + j * VW);
+    for (int a = 0; a < A; ++a) s += load(d + j * T + a * VW);
+    store(db + j * VW, s);
+  }
+}
+
+// Elementwise helpers on [channels, T] buffers (n = channels * T floats).
+template <typename F>
+inline void each(int n, F f) { for (int i = 0; i < n; i += VW) f(i); }
+
+// Where each parameter lives in the caller's flat vector (and, times VW, in a task's
+// per-lane cotangent), and in the packed copy (the transposes the backward pass uses).
+struct Layout {
+  int X, C, H1, H2, KXC;
+  int o_wg, o_bg, o_wx0, o_bx0, o_wx1, o_bx1, o_wx2, o_wc0, o_bc0, o_wc1, o_bc1, o_wc2, o_b, P;
+  int q_w2, q_wgT, q_wx0T, q_wx1T, q_w2T, q_wc0T, q_wc1T, Q;
+  Layout(int x, int c, int h1, int h2) : X(x), C(c), H1(h1), H2(h2), KXC(x + c) {
+    int o = 0;
+    auto take = [&o](int k) { int at = o; o += k; return at; };
+    o_wg = take(KXC * 2 * C); o_bg = take(2 * C);  // wgx then wgc: one [X + C, 2C] kernel
+    o_wx0 = take(X * H1); o_bx0 = take(H1); o_wx1 = take(H1 * H2); o_bx1 = take(H2);
+    o_wx2 = take(H2 * C); o_wc0 = take(C * H1); o_bc0 = take(H1); o_wc1 = take(H1 * H2);
+    o_bc1 = take(H2); o_wc2 = take(H2 * C); o_b = take(C); P = o;
+    o = 0;
+    q_w2 = take(2 * H2 * C);  // [wx2; wc2]: [2 H2, C]
+    q_wgT = take(2 * C * KXC); q_wx0T = take(H1 * X); q_wx1T = take(H2 * H1);
+    q_w2T = take(C * 2 * H2); q_wc0T = take(H1 * C); q_wc1T = take(H2 * H1);
+    Q = o;
+  }
+};
+
+inline void transpose(const float* src, int rows, int cols, float* dst) {
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
+}
+
+void pack(const Layout& L, const float* p, float* q) {
+  std::memcpy(q + L.q_w2, p + L.o_wx2, L.H2 * L.C * 4);
+  std::memcpy(q + L.q_w2 + L.H2 * L.C, p + L.o_wc2, L.H2 * L.C * 4);
+  transpose(p + L.o_wg, L.KXC, 2 * L.C, q + L.q_wgT);
+  transpose(p + L.o_wx0, L.X, L.H1, q + L.q_wx0T);
+  transpose(p + L.o_wx1, L.H1, L.H2, q + L.q_wx1T);
+  transpose(q + L.q_w2, 2 * L.H2, L.C, q + L.q_w2T);
+  transpose(p + L.o_wc0, L.C, L.H1, q + L.q_wc0T);
+  transpose(p + L.o_wc1, L.H1, L.H2, q + L.q_wc1T);
+}
+
+// A tile's buffers, each [channels, T], in memory the thread keeps between calls (every
+// buffer is written before it is read).
+struct Tile {
+  float *xc, *g, *z, *r, *rc, *hx0, *hc0, *h1, *cand;  // forward; c = xc + X T, h1 = [hx1; hc1]
+  float *dn, *dc, *dpre, *dh1, *da, *db, *drc, *dg, *dxc, *dx;
+  explicit Tile(const Layout& L) {
+    const int w[] = {L.KXC, 2 * L.C, L.C, L.C, L.C, L.H1, L.H1, 2 * L.H2, L.C,
+                     L.C, L.C, L.C, 2 * L.H2, L.H1, L.H1, L.C, 2 * L.C, L.KXC, L.X};
+    float** ptr[] = {&xc, &g, &z, &r, &rc, &hx0, &hc0, &h1, &cand,
+                     &dn, &dc, &dpre, &dh1, &da, &db, &drc, &dg, &dxc, &dx};
+    size_t total = 0;
+    for (int k : w) total += size_t(T) * k;
+    thread_local std::vector<float> mem;
+    if (mem.size() < total) mem.resize(total);
+    size_t at = 0;
+    for (int i = 0; i < 19; ++i) { *ptr[i] = mem.data() + at; at += size_t(T) * w[i]; }
+  }
+};
+
+// rows agents of x [rows, X] and c [rows, C] into the tile (channel-major; zeros beyond).
+void tile_load(const Layout& L, const float* x, const float* c, int rows, Tile& t) {
+  if (rows < T) std::fill(t.xc, t.xc + T * L.KXC, 0.0f);
+  for (int r = 0; r < rows; ++r) {
+    for (int k = 0; k < L.X; ++k) t.xc[k * T + r] = x[r * L.X + k];
+    for (int k = 0; k < L.C; ++k) t.xc[(L.X + k) * T + r] = c[r * L.C + k];
+  }
+}
+
+void tile_forward(const Layout& L, const float* p, const float* q, Tile& t) {
+  const int C = L.C, H1 = L.H1, H2 = L.H2;
+  const float* c = t.xc + L.X * T;
+  dense(t.xc, L.KXC, p + L.o_wg, 2 * C, 2 * C, p + L.o_bg, false, t.g);
+  each(C * T, [&](int i) {
+    const vf z = sigmoid_v(load(t.g + i)), r = sigmoid_v(load(t.g + C * T + i));
+    store(t.z + i, z); store(t.r + i, r); store(t.rc + i, r * load(c + i));
+  });
+  dense(t.xc, L.X, p + L.o_wx0, H1, H1, p + L.o_bx0, false, t.hx0);
+  each(H1 * T, [&](int i) { store(t.hx0 + i, tanh_v(load(t.hx0 + i))); });
+  dense(t.hx0, H1, p + L.o_wx1, H2, H2, p + L.o_bx1, false, t.h1);
+  dense(t.rc, C, p + L.o_wc0, H1, H1, p + L.o_bc0, false, t.hc0);
+  each(H1 * T, [&](int i) { store(t.hc0 + i, tanh_v(load(t.hc0 + i))); });
+  dense(t.hc0, H1, p + L.o_wc1, H2, H2, p + L.o_bc1, false, t.h1 + H2 * T);
+  each(2 * H2 * T, [&](int i) { store(t.h1 + i, tanh_v(load(t.h1 + i))); });
+  dense(t.h1, 2 * H2, q + L.q_w2, C, C, p + L.o_b, false, t.cand);  // both branches' last layers
+  each(C * T, [&](int i) { store(t.cand + i, tanh_v(load(t.cand + i))); });
+}
+
+// new = z c + (1 - z) cand for the tile's rows, into out [rows, C].
+void tile_store_new(const Layout& L, Tile& t, int rows, float* out) {
+  const float* c = t.xc + L.X * T;
+  float* nw = t.dn;  // scratch
+  each(L.C * T, [&](int i) {
+    const vf z = load(t.z + i);
+    store(nw + i, z * load(c + i) + (1.0f - z) * load(t.cand + i));
+  });
+  for (int r = 0; r < rows; ++r)
+    for (int k = 0; k < L.C; ++k) out[r * L.C + k] = nw[k * T + r];
+}
+
+inline vf one_minus_sq(vf h) { return 1.0f - h * h; }
+
+// The backward pass of one tile (after tile_forward): d_x [rows, X] and d_c [rows, C];
+// adds the parameters' cotangent to the per-lane accumulator acc [P, VW].
+void tile_backward(const Layout& L, const float* p, const float* q, Tile& t, const float* d_new,
+                   int rows, float* acc, float* d_x, float* d_c) {
+  const int C = L.C, H1 = L.H1, H2 = L.H2, X = L.X;
+  const float* c = t.xc + X * T;
+  if (rows < T) std::fill(t.dn, t.dn + C * T, 0.0f);
+  for (int r = 0; r < rows; ++r)
+    for (int k = 0; k < C; ++k) t.dn[k * T + r] = d_new[r * C + k];
+  // new = z c + (1 - z) cand; cand = tanh(pre). d_g's z half holds d_z for now.
+  each(C * T, [&](int i) {
+    const vf dn = load(t.dn + i), z = load(t.z + i), cand = load(t.cand + i);
+    store(t.dg + i, dn * (load(c + i) - cand));
+    store(t.dc + i, dn * z);
+    store(t.dpre + i, dn * (1.0f - z) * one_minus_sq(cand));
+  });
+  lane_sum(t.dpre, C, acc + L.o_b * VW);
+  outer(t.h1, H2, t.dpre, C, acc + L.o_wx2 * VW, C);
+  outer(t.h1 + H2 * T, H2, t.dpre, C, acc + L.o_wc2 * VW, C);
+  // Both branches' second layers at once: d_h1 = d_pre [wx2; wc2]^T, through tanh.
+  dense(t.dpre, C, q + L.q_w2T, 2 * H2, 2 * H2, nullptr, false, t.dh1);
+  each(2 * H2 * T, [&](int i) { store(t.dh1 + i, load(t.dh1 + i) * one_minus_sq(load(t.h1 + i))); });
+  // mlp_x: layers 1 and 0, down to d_x.
+  lane_sum(t.dh1, H2, acc + L.o_bx1 * VW);
+  outer(t.hx0, H1, t.dh1, H2, acc + L.o_wx1 * VW, H2);
+  dense(t.dh1, H2, q + L.q_wx1T, H1, H1, nullptr, false, t.da);
+  each(H1 * T, [&](int i) { store(t.da + i, load(t.da + i) * one_minus_sq(load(t.hx0 + i))); });
+  lane_sum(t.da, H1, acc + L.o_bx0 * VW);
+  outer(t.xc, X, t.da, H1, acc + L.o_wx0 * VW, H1);
+  dense(t.da, H1, q + L.q_wx0T, X, X, nullptr, false, t.dx);
+  // mlp_c, the same way, down to d_rc.
+  const float* dhc1 = t.dh1 + H2 * T;
+  lane_sum(dhc1, H2, acc + L.o_bc1 * VW);
+  outer(t.hc0, H1, dhc1, H2, acc + L.o_wc1 * VW, H2);
+  dense(dhc1, H2, q + L.q_wc1T, H1, H1, nullptr, false, t.db);
+  each(H1 * T, [&](int i) { store(t.db + i, load(t.db + i) * one_minus_sq(load(t.hc0 + i))); });
+  lane_sum(t.db, H1, acc + L.o_bc0 * VW);
+  outer(t.rc, C, t.db, H1, acc + L.o_wc0 * VW, H1);
+  dense(t.db, H1, q + L.q_wc0T, C, C, nullptr, false, t.drc);
+  // The gates: d_c += d_rc r; d_g = [d_z z (1 - z) | d_rc c r (1 - r)].
+  each(C * T, [&](int i) {
+    const vf z = load(t.z + i), r = load(t.r + i), drc = load(t.drc + i);
+    store(t.dc + i, load(t.dc + i) + drc * r);
+    store(t.dg + i, load(t.dg + i) * z * (1.0f - z));
+    store(t.dg + C * T + i, drc * load(c + i) * r * (1.0f - r));
+  });
+  lane_sum(t.dg, 2 * C, acc + L.o_bg * VW);
+  outer(t.xc, L.KXC, t.dg, 2 * C, acc + L.o_wg * VW, 2 * C);
+  dense(t.dg, 2 * C, q + L.q_wgT, L.KXC, L.KXC, nullptr, false, t.dxc);
+  for (int r = 0; r < rows; ++r) {
+    for (int k = 0; k < X; ++k) d_x[r * X + k] = t.dx[k * T + r] + t.dxc[k * T + r];
+    for (int k = 0; k < C; ++k) d_c[r * C + k] = t.dc[k * T + r] + t.dxc[(X + k) * T + r];
+  }
+}
+
+// A small pool of workers (the calling thread is one of them) that runs fn(task) for
+// task in [0, n). Calls that find the pool busy (two XLA threads at once) run inline.
+class Pool {
+ public:
+  Pool() : pid_(getpid()) {
+    cpu_set_t set;
+    int n = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+    for (int i = 1; i < std::max(1, n); ++i) workers_.emplace_back([this] { Work(); });
+  }
+  int size() const { return static_cast<int>(workers_.size()) + 1; }
+  void Run(int n, const std::function<void(int)>& fn) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    // Inline when busy, alone, or in a forked child (which has none of the workers).
+    if (!busy.owns_lock() || workers_.empty() || n == 1 || getpid() != pid_) {
+      for (int i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fn_ = &fn; n_ = n; next_.store(0); done_ = 0; ++generation_;
+    }
+    cv_.notify_all();
+    Drain();
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [this] { return done_ == static_cast<int>(workers_.size()); });
+    fn_ = nullptr;
+  }
+
+ private:
+  void Drain() {
+    for (int i; (i = next_.fetch_add(1)) < n_;) (*fn_)(i);
+  }
+  void Work() {
+    long seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+      }
+      Drain();
+      std::lock_guard<std::mutex> lock(mu_);
+      if (++done_ == static_cast<int>(workers_.size())) done_cv_.notify_one();
+    }
+  }
+  const pid_t pid_;
+  std::vector<std::thread> workers_;
+  std::mutex busy_, mu_;
+  std::condition_variable cv_, done_cv_;
+  const std::function<void(int)>* fn_ = nullptr;
+  std::atomic<int> next_{0};
+  int n_ = 0, done_ = 0;
+  long generation_ = 0;
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: workers outlive static destruction
+  return *p;
+}
+
+struct Dims { int64_t G, n, X, C, Gp, P; };
+
+ffi::Error check(const Dims& d, const Layout& L) {
+  if (d.Gp != 1 && d.Gp != d.G) return ffi::Error::InvalidArgument("params: leading dim must be 1 or G");
+  if (d.P != L.P) return ffi::Error::InvalidArgument("params: wrong size for (X, C, H1, H2)");
+  return ffi::Error::Success();
+}
+
+// The calls' work: G groups of ceil(n / T) tiles, in contiguous runs, one per thread.
+struct Work {
+  int64_t tiles_per_group, total, per_task;
+  int tasks;
+  Work(int64_t n, int64_t G, int threads) {
+    tiles_per_group = (n + T - 1) / T;
+    total = G * tiles_per_group;
+    tasks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, total)));
+    per_task = (total + tasks - 1) / tasks;
+  }
+};
+
+std::vector<float> packed_params(const Dims& d, const Layout& L, const float* params) {
+  std::vector<float> q(d.Gp * L.Q);
+  for (int64_t g = 0; g < d.Gp; ++g) pack(L, params + g * L.P, q.data() + g * L.Q);
+  return q;
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c, ffi::Buffer<ffi::F32> params,
+                   int64_t h1, int64_t h2, ffi::ResultBuffer<ffi::F32> out) {
+  auto xd = x.dimensions(), pd = params.dimensions();
+  const Dims d{xd[0], xd[1], xd[2], c.dimensions()[2], pd[0], pd[1]};
+  const Layout L(d.X, d.C, h1, h2);
+  if (auto e = check(d, L); e.failure()) return e;
+  const std::vector<float> packed = packed_params(d, L, params.typed_data());
+  Pool& workers = pool();
+  const Work w(d.n, d.G, workers.size());
+  const float *xp = x.typed_data(), *cp = c.typed_data(), *pp = params.typed_data();
+  float* op = out->typed_data();
+  workers.Run(w.tasks, [&](int task) {
+    Tile t(L);
+    for (int64_t i = task * w.per_task; i < std::min(w.total, (task + 1) * w.per_task); ++i) {
+      const int64_t g = i / w.tiles_per_group, tile = i % w.tiles_per_group;
+      const int64_t pg = d.Gp == 1 ? 0 : g, a = g * d.n + tile * T;
+      const int rows = static_cast<int>(std::min<int64_t>(T, d.n - tile * T));
+      tile_load(L, xp + a * d.X, cp + a * d.C, rows, t);
+      tile_forward(L, pp + pg * L.P, packed.data() + pg * L.Q, t);
+      tile_store_new(L, t, rows, op + a * d.C);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c, ffi::Buffer<ffi::F32> params,
+                    ffi::Buffer<ffi::F32> d_new, int64_t h1, int64_t h2,
+                    ffi::ResultBuffer<ffi::F32> d_x, ffi::ResultBuffer<ffi::F32> d_c,
+                    ffi::ResultBuffer<ffi::F32> d_params) {
+  auto xd = x.dimensions(), pd = params.dimensions();
+  const Dims d{xd[0], xd[1], xd[2], c.dimensions()[2], pd[0], pd[1]};
+  const Layout L(d.X, d.C, h1, h2);
+  if (auto e = check(d, L); e.failure()) return e;
+  const std::vector<float> packed = packed_params(d, L, params.typed_data());
+  Pool& workers = pool();
+  const Work w(d.n, d.G, workers.size());
+  float* dp = d_params->typed_data();
+  std::fill(dp, dp + d.G * L.P, 0.0f);
+  std::mutex add_mu;
+  const float *xp = x.typed_data(), *cp = c.typed_data(), *pp = params.typed_data();
+  const float* dnp = d_new.typed_data();
+  float *dxp = d_x->typed_data(), *dcp = d_c->typed_data();
+  workers.Run(w.tasks, [&](int task) {
+    Tile t(L);
+    thread_local std::vector<float> lanes;  // all zeros between uses (flush zeroes it)
+    if (lanes.size() < size_t(L.P) * VW) lanes.assign(size_t(L.P) * VW, 0.0f);
+    int64_t group = -1;
+    auto flush = [&] {  // the lanes' sum into group's cotangent; lanes to zero
+      if (group < 0) return;
+      std::vector<float> sum(L.P);
+      for (int k = 0; k < L.P; ++k) {
+        float s = 0.0f;
+        for (int l = 0; l < VW; ++l) s += lanes[size_t(k) * VW + l];
+        sum[k] = s;
+      }
+      std::fill(lanes.begin(), lanes.begin() + size_t(L.P) * VW, 0.0f);
+      std::lock_guard<std::mutex> lock(add_mu);
+      for (int k = 0; k < L.P; ++k) dp[group * L.P + k] += sum[k];
+    };
+    for (int64_t i = task * w.per_task; i < std::min(w.total, (task + 1) * w.per_task); ++i) {
+      const int64_t g = i / w.tiles_per_group, tile = i % w.tiles_per_group;
+      if (g != group) { flush(); group = g; }
+      const int64_t pg = d.Gp == 1 ? 0 : g, a = g * d.n + tile * T;
+      const int rows = static_cast<int>(std::min<int64_t>(T, d.n - tile * T));
+      const float *p = pp + pg * L.P, *q = packed.data() + pg * L.Q;
+      tile_load(L, xp + a * d.X, cp + a * d.C, rows, t);
+      tile_forward(L, p, q, t);
+      tile_backward(L, p, q, t, dnp + a * d.C, rows, lanes.data(), dxp + a * d.X, dcp + a * d.C);
+    }
+    flush();
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MplpCellForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("h1")
+                                  .Attr<int64_t>("h2")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MplpCellBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("h1")
+                                  .Attr<int64_t>("h2")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
