@@ -25,6 +25,8 @@ starts over on a fresh task. With K = T this is exactly the full meta-gradient.
 Sharding: with a `mesh` (axis 'tasks'), the outer batch (and the runs in progress) is
 split across its devices; parameters are replicated and XLA inserts the all-reduce of the
 mean over tasks. The same code runs on several hosts after `jax.distributed.initialize`.
+Over more than one device the agents' cell runs in XLA, not as the fused kernel
+(`mplp.cell_kernel.disabled`: XLA's partitioner cannot split the kernel's call).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mplp import minibatch_init
+from mplp import cell_kernel, minibatch_init
 from mplp.contracts import Estimator
 from mplp.episode import Episode
 from mplp.estimators import Backprop, Unroll, check_window
@@ -184,6 +186,12 @@ class MetaTrainer:
   def outer_loss(self, trainable, stats, pool, key, task, unrolls=()):
     """Mean outer loss over `outer_batch` tasks (vmapped, sharded over the mesh):
     (loss, (mean metrics, advanced unrolls or ()))."""
+    if self.mesh is not None and self.mesh.size > 1:
+      with cell_kernel.disabled():  # XLA's partitioner cannot split the fused kernel
+        return self._outer_loss(trainable, stats, pool, key, task, unrolls)
+    return self._outer_loss(trainable, stats, pool, key, task, unrolls)
+
+  def _outer_loss(self, trainable, stats, pool, key, task, unrolls):
     keys = self._shard_tasks(jax.random.split(key, self.outer_batch))
     if self.estimator.truncation:
       fn = lambda k, u: self.task_loss(trainable, stats, pool, k, task, u)
