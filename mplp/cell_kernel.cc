@@ -415,19 +415,34 @@ struct Work {
   }
 };
 
-std::vector<float> packed_params(const Dims& d, const Layout& L, const float* params) {
-  std::vector<float> q(d.Gp * L.Q);
-  for (int64_t g = 0; g < d.Gp; ++g) pack(L, params + g * L.P, q.data() + g * L.Q);
-  return q;
-}
+// What both calls start from: the shapes, checked, and the packed parameters.
+struct Call {
+  Dims d;
+  Layout L;
+  std::vector<float> packed;
+  ffi::Error error = ffi::Error::Success();
+  Call(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& c, ffi::Buffer<ffi::F32>& params, int64_t h1, int64_t h2)
+      : d{x.dimensions()[0], x.dimensions()[1], x.dimensions()[2], c.dimensions()[2],
+          params.dimensions()[0], params.dimensions()[1]},
+        L(d.X, d.C, h1, h2) {
+    if (c.dimensions()[0] != d.G || c.dimensions()[1] != d.n) {
+      error = ffi::Error::InvalidArgument("c: leading dims must equal x's [G, n]");
+      return;
+    }
+    error = check(d, L);
+    if (error.failure()) return;
+    packed.resize(d.Gp * L.Q);
+    for (int64_t g = 0; g < d.Gp; ++g) pack(L, params.typed_data() + g * L.P, packed.data() + g * L.Q);
+  }
+};
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c, ffi::Buffer<ffi::F32> params,
                    int64_t h1, int64_t h2, ffi::ResultBuffer<ffi::F32> out) {
-  auto xd = x.dimensions(), pd = params.dimensions();
-  const Dims d{xd[0], xd[1], xd[2], c.dimensions()[2], pd[0], pd[1]};
-  const Layout L(d.X, d.C, h1, h2);
-  if (auto e = check(d, L); e.failure()) return e;
-  const std::vector<float> packed = packed_params(d, L, params.typed_data());
+  const Call call(x, c, params, h1, h2);
+  if (call.error.failure()) return call.error;
+  const Dims& d = call.d;
+  const Layout& L = call.L;
+  const std::vector<float>& packed = call.packed;
   Pool& workers = pool();
   const Work w(d.n, d.G, workers.size());
   const float *xp = x.typed_data(), *cp = c.typed_data(), *pp = params.typed_data();
@@ -450,11 +465,11 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c, ffi::Buffe
                     ffi::Buffer<ffi::F32> d_new, int64_t h1, int64_t h2,
                     ffi::ResultBuffer<ffi::F32> d_x, ffi::ResultBuffer<ffi::F32> d_c,
                     ffi::ResultBuffer<ffi::F32> d_params) {
-  auto xd = x.dimensions(), pd = params.dimensions();
-  const Dims d{xd[0], xd[1], xd[2], c.dimensions()[2], pd[0], pd[1]};
-  const Layout L(d.X, d.C, h1, h2);
-  if (auto e = check(d, L); e.failure()) return e;
-  const std::vector<float> packed = packed_params(d, L, params.typed_data());
+  const Call call(x, c, params, h1, h2);
+  if (call.error.failure()) return call.error;
+  const Dims& d = call.d;
+  const Layout& L = call.L;
+  const std::vector<float>& packed = call.packed;
   Pool& workers = pool();
   const Work w(d.n, d.G, workers.size());
   float* dp = d_params->typed_data();
