@@ -21,8 +21,11 @@
 // Layout: inside a tile every tensor is channel-major, [channels, T] ("structure of
 // arrays"): a vector register holds one channel of VW agents, so no channel count is
 // padded to the vector width, and every product is out[j] += w[k, j] * in[k] with the
-// weight broadcast. Parameter cotangents are sums over agents; each task keeps them per
-// vector lane ([P, VW]) and reduces the lanes once at the end.
+// weight broadcast. Parameter cotangents are sums over agents. Those of the products with
+// a hidden-layer side (all but 432 of the MNIST cell's 9,232 weights) are summed over the
+// tile in registers, vectorized over that side, from agent-major copies of the tile's
+// hidden activations and their cotangents (outer_t); the rest (the gates, the biases)
+// are kept per vector lane ([P, VW]). Each task reduces its sums once at the end.
 
 #include <algorithm>
 #include <atomic>
@@ -48,10 +51,12 @@ namespace {
 constexpr int VW = 16;  // floats per vector register (32 registers)
 constexpr int JB = 6;   // output channels a product keeps in registers (x 4 vectors of agents)
 constexpr int OKB = 4, OJB = 5;  // rows x columns of a cotangent block in registers
+constexpr int TKB = 4, TVB = 5;  // rows x vectors of a register-summed cotangent block
 #else
 constexpr int VW = 8;   // (16 registers)
 constexpr int JB = 2;
 constexpr int OKB = 2, OJB = 4;
+constexpr int TKB = 2, TVB = 5;
 #endif
 constexpr int T = 64;        // agents per tile
 constexpr int A = T / VW;    // vectors of agents per channel
@@ -169,6 +174,105 @@ inline void outer(const float* in, int K, const float* d, int J, float* dw, int 
   for (; k0 < K; ++k0) outer_rows<1>(in, k0, d, J, dw, ldw);
 }
 
+// dst [T, ldd] (agent-major) <- src [R, T] (channel-major), in VW x VW blocks; rows of a
+// last partial block read as zeros, so dst's columns up to ldd = R rounded up to VW are
+// all written.
+inline void transpose_block(vf (&v)[VW]) {
+#if defined(__AVX512F__)
+  // 32-bit, then 64-bit interleaves: u[4g + m]'s 128-bit lane L holds column 4L + m of
+  // rows 4g .. 4g + 3; then the lanes are gathered (shuffle_f32x4) into whole columns.
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps((__m512)v[i], (__m512)v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps((__m512)v[i], (__m512)v[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {
+    const __m512d a = _mm512_castps_pd(t[g]), b = _mm512_castps_pd(t[g + 1]);
+    const __m512d c = _mm512_castps_pd(t[g + 2]), d = _mm512_castps_pd(t[g + 3]);
+    u[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int m = 0; m < 4; ++m) {
+    const __m512 lo01 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x44), hi01 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xEE);
+    const __m512 lo23 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x44), hi23 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xEE);
+    v[m] = (vf)_mm512_shuffle_f32x4(lo01, lo23, 0x88);
+    v[4 + m] = (vf)_mm512_shuffle_f32x4(lo01, lo23, 0xDD);
+    v[8 + m] = (vf)_mm512_shuffle_f32x4(hi01, hi23, 0x88);
+    v[12 + m] = (vf)_mm512_shuffle_f32x4(hi01, hi23, 0xDD);
+  }
+#elif defined(__AVX__)
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps((__m256)v[i], (__m256)v[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps((__m256)v[i], (__m256)v[i + 1]);
+  }
+  for (int g = 0; g < 8; g += 4) {
+    u[g] = _mm256_shuffle_ps(t[g], t[g + 2], 0x44);
+    u[g + 1] = _mm256_shuffle_ps(t[g], t[g + 2], 0xEE);
+    u[g + 2] = _mm256_shuffle_ps(t[g + 1], t[g + 3], 0x44);
+    u[g + 3] = _mm256_shuffle_ps(t[g + 1], t[g + 3], 0xEE);
+  }
+  for (int m = 0; m < 4; ++m) {
+    v[m] = (vf)_mm256_permute2f128_ps(u[m], u[4 + m], 0x20);
+    v[4 + m] = (vf)_mm256_permute2f128_ps(u[m], u[4 + m], 0x31);
+  }
+#else
+  float a[VW][VW];
+  for (int i = 0; i < VW; ++i) store(a[i], v[i]);
+  for (int i = 0; i < VW; ++i)
+    for (int j = 0; j < VW; ++j) v[i][j] = a[j][i];
+#endif
+}
+
+inline void transpose_tile(const float* src, int R, float* dst, int ldd) {
+  for (int r0 = 0; r0 < R; r0 += VW)
+    for (int t0 = 0; t0 < T; t0 += VW) {
+      vf v[VW];
+      for (int i = 0; i < VW; ++i) v[i] = r0 + i < R ? load(src + (r0 + i) * T + t0) : splat(0.0f);
+      transpose_block(v);
+      for (int i = 0; i < VW; ++i) store(dst + (t0 + i) * ldd + r0, v[i]);
+    }
+}
+
+// A product's weight cotangent summed over the tile in registers: acc[k, :] += sum_t
+// b[k, t] v[t, :], b [K, T] channel-major (broadcast), v [T, ldv] agent-major (ldv a
+// multiple of VW). acc [K, ldv] is the task's whole-call sum (no per-lane copies).
+template <int KB, int VB>
+inline void outer_t_block(const float* b, int k0, const float* v, int ldv, int v0, float* acc) {
+  vf a[KB][VB];
+  for (int k = 0; k < KB; ++k)
+    for (int j = 0; j < VB; ++j) a[k][j] = splat(0.0f);
+  for (int t = 0; t < T; ++t) {
+    vf u[VB];
+    for (int j = 0; j < VB; ++j) u[j] = load(v + t * ldv + v0 + j * VW);
+    for (int k = 0; k < KB; ++k) {
+      const vf s = splat(b[(k0 + k) * T + t]);
+      for (int j = 0; j < VB; ++j) a[k][j] += s * u[j];
+    }
+  }
+  for (int k = 0; k < KB; ++k)
+    for (int j = 0; j < VB; ++j) {
+      float* o = acc + (k0 + k) * ldv + v0 + j * VW;
+      store(o, load(o) + a[k][j]);
+    }
+}
+
+template <int KB>
+inline void outer_t_rows(const float* b, int k0, const float* v, int ldv, float* acc) {
+  const int nv = ldv / VW;
+  int j = 0;
+  for (; j + TVB <= nv; j += TVB) outer_t_block<KB, TVB>(b, k0, v, ldv, j * VW, acc);
+  for (; j < nv; ++j) outer_t_block<KB, 1>(b, k0, v, ldv, j * VW, acc);
+}
+
+inline void outer_t(const float* b, int K, const float* v, int ldv, float* acc) {
+  int k = 0;
+  for (; k + TKB <= K; k += TKB) outer_t_rows<TKB>(b, k, v, ldv, acc);
+  for (; k < K; ++k) outer_t_rows<1>(b, k, v, ldv, acc);
+}
+
 // Per-lane cotangent of a bias: db[j] += d[j] over the tile. d [J, T], db [J, VW].
 inline void lane_sum(const float* d, int J, float* db) {
   for (int j = 0; j < J; ++j) {
@@ -185,10 +289,15 @@ inline void each(int n, F f) { for (int i = 0; i < n; i += VW) f(i); }
 // Where each parameter lives in the caller's flat vector (and, times VW, in a task's
 // per-lane cotangent), and in the packed copy (the transposes the backward pass uses).
 struct Layout {
-  int X, C, H1, H2, KXC;
+  int X, C, H1, H2, KXC, H1p, H2p2;  // H1p, H2p2: H1 and 2 H2 rounded up to VW
   int o_wg, o_bg, o_wx0, o_bx0, o_wx1, o_bx1, o_wx2, o_wc0, o_bc0, o_wc1, o_bc1, o_wc2, o_b, P;
   int q_w2, q_wgT, q_wx0T, q_wx1T, q_w2T, q_wc0T, q_wc1T, Q;
-  Layout(int x, int c, int h1, int h2) : X(x), C(c), H1(h1), H2(h2), KXC(x + c) {
+  // A task's register-summed cotangents (outer_t), vectorized over the hidden side:
+  // [wx2; wc2]^T [C, H2p2], wx1^T and wc1^T [H2, H1p], wx0 [X, H1p], wc0 [C, H1p].
+  int s_w2T, s_wx1T, s_wc1T, s_wx0, s_wc0, S;
+  Layout(int x, int c, int h1, int h2)
+      : X(x), C(c), H1(h1), H2(h2), KXC(x + c), H1p((h1 + VW - 1) / VW * VW),
+        H2p2((2 * h2 + VW - 1) / VW * VW) {
     int o = 0;
     auto take = [&o](int k) { int at = o; o += k; return at; };
     o_wg = take(KXC * 2 * C); o_bg = take(2 * C);  // wgx then wgc: one [X + C, 2C] kernel
@@ -200,6 +309,9 @@ struct Layout {
     q_wgT = take(2 * C * KXC); q_wx0T = take(H1 * X); q_wx1T = take(H2 * H1);
     q_w2T = take(C * 2 * H2); q_wc0T = take(H1 * C); q_wc1T = take(H2 * H1);
     Q = o;
+    o = 0;
+    s_w2T = take(C * H2p2); s_wx1T = take(H2 * H1p); s_wc1T = take(H2 * H1p);
+    s_wx0 = take(X * H1p); s_wc0 = take(C * H1p); S = o;
   }
 };
 
@@ -224,17 +336,20 @@ void pack(const Layout& L, const float* p, float* q) {
 struct Tile {
   float *xc, *g, *z, *r, *rc, *hx0, *hc0, *h1, *cand;  // forward; c = xc + X T, h1 = [hx1; hc1]
   float *dn, *dc, *dpre, *dh1, *da, *db, *drc, *dg, *dxc, *dx;
+  float *h1t, *xt, *ct;  // agent-major [T, *]: h1; hx0, then d_a; hc0, then d_b
   explicit Tile(const Layout& L) {
     const int w[] = {L.KXC, 2 * L.C, L.C, L.C, L.C, L.H1, L.H1, 2 * L.H2, L.C,
-                     L.C, L.C, L.C, 2 * L.H2, L.H1, L.H1, L.C, 2 * L.C, L.KXC, L.X};
+                     L.C, L.C, L.C, 2 * L.H2, L.H1, L.H1, L.C, 2 * L.C, L.KXC, L.X,
+                     L.H2p2, L.H1p, L.H1p};
     float** ptr[] = {&xc, &g, &z, &r, &rc, &hx0, &hc0, &h1, &cand,
-                     &dn, &dc, &dpre, &dh1, &da, &db, &drc, &dg, &dxc, &dx};
+                     &dn, &dc, &dpre, &dh1, &da, &db, &drc, &dg, &dxc, &dx,
+                     &h1t, &xt, &ct};
     size_t total = 0;
     for (int k : w) total += size_t(T) * k;
     thread_local std::vector<float> mem;
     if (mem.size() < total) mem.resize(total);
     size_t at = 0;
-    for (int i = 0; i < 19; ++i) { *ptr[i] = mem.data() + at; at += size_t(T) * w[i]; }
+    for (size_t i = 0; i < sizeof w / sizeof w[0]; ++i) { *ptr[i] = mem.data() + at; at += size_t(T) * w[i]; }
   }
 };
 
@@ -281,9 +396,11 @@ void tile_store_new(const Layout& L, Tile& t, int rows, float* out) {
 inline vf one_minus_sq(vf h) { return 1.0f - h * h; }
 
 // The backward pass of one tile (after tile_forward): d_x [rows, X] and d_c [rows, C];
-// adds the parameters' cotangent to the per-lane accumulator acc [P, VW].
+// adds the parameters' cotangent to the task's sums: the hidden layers' weights (the
+// products with an H1- or 2 H2-wide side) to sums [S] (outer_t, on agent-major copies),
+// the gates' weights and the biases to the per-lane acc [P, VW].
 void tile_backward(const Layout& L, const float* p, const float* q, Tile& t, const float* d_new,
-                   int rows, float* acc, float* d_x, float* d_c) {
+                   int rows, float* acc, float* sums, float* d_x, float* d_c) {
   const int C = L.C, H1 = L.H1, H2 = L.H2, X = L.X;
   const float* c = t.xc + X * T;
   if (rows < T) std::fill(t.dn, t.dn + C * T, 0.0f);
@@ -297,27 +414,31 @@ void tile_backward(const Layout& L, const float* p, const float* q, Tile& t, con
     store(t.dpre + i, dn * (1.0f - z) * one_minus_sq(cand));
   });
   lane_sum(t.dpre, C, acc + L.o_b * VW);
-  outer(t.h1, H2, t.dpre, C, acc + L.o_wx2 * VW, C);
-  outer(t.h1 + H2 * T, H2, t.dpre, C, acc + L.o_wc2 * VW, C);
+  transpose_tile(t.h1, 2 * H2, t.h1t, L.H2p2);
+  outer_t(t.dpre, C, t.h1t, L.H2p2, sums + L.s_w2T);
   // Both branches' second layers at once: d_h1 = d_pre [wx2; wc2]^T, through tanh.
   dense(t.dpre, C, q + L.q_w2T, 2 * H2, 2 * H2, nullptr, false, t.dh1);
   each(2 * H2 * T, [&](int i) { store(t.dh1 + i, load(t.dh1 + i) * one_minus_sq(load(t.h1 + i))); });
   // mlp_x: layers 1 and 0, down to d_x.
   lane_sum(t.dh1, H2, acc + L.o_bx1 * VW);
-  outer(t.hx0, H1, t.dh1, H2, acc + L.o_wx1 * VW, H2);
+  transpose_tile(t.hx0, H1, t.xt, L.H1p);
+  outer_t(t.dh1, H2, t.xt, L.H1p, sums + L.s_wx1T);
   dense(t.dh1, H2, q + L.q_wx1T, H1, H1, nullptr, false, t.da);
   each(H1 * T, [&](int i) { store(t.da + i, load(t.da + i) * one_minus_sq(load(t.hx0 + i))); });
   lane_sum(t.da, H1, acc + L.o_bx0 * VW);
-  outer(t.xc, X, t.da, H1, acc + L.o_wx0 * VW, H1);
+  transpose_tile(t.da, H1, t.xt, L.H1p);
+  outer_t(t.xc, X, t.xt, L.H1p, sums + L.s_wx0);
   dense(t.da, H1, q + L.q_wx0T, X, X, nullptr, false, t.dx);
   // mlp_c, the same way, down to d_rc.
   const float* dhc1 = t.dh1 + H2 * T;
   lane_sum(dhc1, H2, acc + L.o_bc1 * VW);
-  outer(t.hc0, H1, dhc1, H2, acc + L.o_wc1 * VW, H2);
+  transpose_tile(t.hc0, H1, t.ct, L.H1p);
+  outer_t(dhc1, H2, t.ct, L.H1p, sums + L.s_wc1T);
   dense(dhc1, H2, q + L.q_wc1T, H1, H1, nullptr, false, t.db);
   each(H1 * T, [&](int i) { store(t.db + i, load(t.db + i) * one_minus_sq(load(t.hc0 + i))); });
   lane_sum(t.db, H1, acc + L.o_bc0 * VW);
-  outer(t.rc, C, t.db, H1, acc + L.o_wc0 * VW, H1);
+  transpose_tile(t.db, H1, t.ct, L.H1p);
+  outer_t(t.rc, C, t.ct, L.H1p, sums + L.s_wc0);
   dense(t.db, H1, q + L.q_wc0T, C, C, nullptr, false, t.drc);
   // The gates: d_c += d_rc r; d_g = [d_z z (1 - z) | d_rc c r (1 - r)].
   each(C * T, [&](int i) {
@@ -480,10 +601,11 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c, ffi::Buffe
   float *dxp = d_x->typed_data(), *dcp = d_c->typed_data();
   workers.Run(w.tasks, [&](int task) {
     Tile t(L);
-    thread_local std::vector<float> lanes;  // all zeros between uses (flush zeroes it)
+    thread_local std::vector<float> lanes, sums;  // all zeros between uses (flush zeroes them)
     if (lanes.size() < size_t(L.P) * VW) lanes.assign(size_t(L.P) * VW, 0.0f);
+    if (sums.size() < size_t(L.S)) sums.assign(L.S, 0.0f);
     int64_t group = -1;
-    auto flush = [&] {  // the lanes' sum into group's cotangent; lanes to zero
+    auto flush = [&] {  // lanes' and sums' totals into group's cotangent; both to zero
       if (group < 0) return;
       std::vector<float> sum(L.P);
       for (int k = 0; k < L.P; ++k) {
@@ -491,7 +613,20 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c, ffi::Buffe
         for (int l = 0; l < VW; ++l) s += lanes[size_t(k) * VW + l];
         sum[k] = s;
       }
+      // sums [rows, cols] (row stride ld) into sum[at + c * cstride + r]
+      auto put = [&](int from, int rows, int cols, int ld, int at, int cstride, int rstride) {
+        for (int r = 0; r < rows; ++r)
+          for (int c = 0; c < cols; ++c) sum[at + c * cstride + r * rstride] += sums[from + r * ld + c];
+      };
+      const int C = L.C, H1 = L.H1, H2 = L.H2;
+      put(L.s_w2T, C, H2, L.H2p2, L.o_wx2, C, 1);            // [wx2; wc2]^T: wx2 [H2, C]
+      put(L.s_w2T + H2, C, H2, L.H2p2, L.o_wc2, C, 1);       //               wc2 [H2, C]
+      put(L.s_wx1T, H2, H1, L.H1p, L.o_wx1, H2, 1);          // wx1^T: wx1 [H1, H2]
+      put(L.s_wc1T, H2, H1, L.H1p, L.o_wc1, H2, 1);          // wc1^T: wc1 [H1, H2]
+      put(L.s_wx0, L.X, H1, L.H1p, L.o_wx0, 1, H1);          // wx0 [X, H1]
+      put(L.s_wc0, C, H1, L.H1p, L.o_wc0, 1, H1);            // wc0 [C, H1]
       std::fill(lanes.begin(), lanes.begin() + size_t(L.P) * VW, 0.0f);
+      std::fill(sums.begin(), sums.begin() + L.S, 0.0f);
       std::lock_guard<std::mutex> lock(add_mu);
       for (int k = 0; k < L.P; ++k) dp[group * L.P + k] += sum[k];
     };
@@ -503,7 +638,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c, ffi::Buffe
       const float *p = pp + pg * L.P, *q = packed.data() + pg * L.Q;
       tile_load(L, xp + a * d.X, cp + a * d.C, rows, t);
       tile_forward(L, p, q, t);
-      tile_backward(L, p, q, t, dnp + a * d.C, rows, lanes.data(), dxp + a * d.X, dcp + a * d.C);
+      tile_backward(L, p, q, t, dnp + a * d.C, rows, lanes.data(), sums.data(), dxp + a * d.X, dcp + a * d.C);
     }
     flush();
   });

@@ -2,7 +2,7 @@
 
 XLA's CPU backend runs the cell of `mplp.agents` as dozens of kernels per call, each
 streaming the agents' [N, 80] and [N, 40] intermediates through memory; this kernel runs
-the whole cell on tiles of 8 agents whose intermediates stay in L1, forward and backward
+the whole cell on tiles of 64 agents whose intermediates stay in cache, forward and backward
 (the backward recomputes the tile's forward), on every core. Same equations, float32;
 its tanh is the rational approximation XLA's CPU backend uses, so results differ from
 the XLA path in the last bits only (summation order).

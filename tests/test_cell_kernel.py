@@ -80,6 +80,17 @@ def _oracle(fn, *args):
 @pytest.mark.parametrize("layout,x_size,c_size", [("weight", 6, 12), ("bias", 5, 7), ("flat", 10, 24)])
 def test_kernel_matches_the_float64_cell_within_the_float32_noise_floor(layout, x_size, c_size):
   """Forward and every cotangent (parameters, each broadcast part, carry)."""
+  _check_against_oracle(layout, x_size, c_size)
+
+
+def test_kernel_with_hidden_sizes_off_the_vector_width(monkeypatch):
+  """Hidden sizes that are no multiple of 8 or 16 (H1 = 36, 2 H2 = 40): the backward's
+  agent-major copies are padded, and the padding must not reach any cotangent."""
+  monkeypatch.setattr(agents, "MLP_SIZES", (36, 20))
+  _check_against_oracle("weight", 6, 12)
+
+
+def _check_against_oracle(layout, x_size, c_size):
   p, parts, carry = _case(layout, x_size, c_size)
   grad = lambda cell: jax.grad(_loss(cell), argnums=(0, 1, 2))
   ref_new, ref_grad = _oracle(_xla, p, parts, carry), _oracle(grad(_xla), p, parts, carry)
