@@ -86,11 +86,34 @@ inline vf recip(vf q) {
   return e * (2.0f - q * e);
 }
 
+// min(a, x), max(a, x) that pass a NaN x through (x > a ? a : x), in one instruction.
+inline vf min_v(vf a, vf x) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_min_ps((__m512)a, (__m512)x);
+#elif defined(__AVX__)
+  return (vf)_mm256_min_ps((__m256)a, (__m256)x);
+#else
+  return x > a ? a : x;
+#endif
+}
+inline vf max_v(vf a, vf x) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_max_ps((__m512)a, (__m512)x);
+#elif defined(__AVX__)
+  return (vf)_mm256_max_ps((__m256)a, (__m256)x);
+#else
+  return x < a ? a : x;
+#endif
+}
+inline vf abs_v(vf x) {
+  typedef int vi __attribute__((vector_size(VW * 4)));
+  return (vf)((vi)x & 0x7fffffff);
+}
+
 // tanh as XLA's CPU backend computes it (Eigen's rational approximation, clamped).
 inline vf tanh_v(vf x) {
   const vf lim = splat(7.90531110763549805f);
-  vf xc = x > lim ? lim : x;
-  xc = xc < -lim ? -lim : xc;
+  const vf xc = max_v(-lim, min_v(lim, x));
   const vf x2 = xc * xc;
   vf p = splat(-2.76076847742355e-16f);
   p = p * x2 + 2.00018790482477e-13f;
@@ -105,14 +128,13 @@ inline vf tanh_v(vf x) {
   q = q * x2 + 2.26843463243900e-03f;
   q = q * x2 + 4.89352518554385e-03f;
   const vf t = p * recip(q);
-  const vf ax = x < 0 ? -x : x;
-  return ax < 0.0004f ? x : t;
+  return abs_v(x) < 0.0004f ? x : t;
 }
 inline vf sigmoid_v(vf x) { return 0.5f * tanh_v(0.5f * x) + 0.5f; }
 
 // out[j0 + jb] (+)= bias + sum_k w[k, j0 + jb] * in[k] for jb < J, on AB vectors of agents
-// starting at vector a0. in, out: [channels, T]; w: [K, ldw].
-template <int J>
+// starting at vector a0 (then tanh, with Tanh). in, out: [channels, T]; w: [K, ldw].
+template <int J, bool Tanh>
 inline void dense_block(const float* in, int K, const float* w, int ldw, int j0, int a0,
                         const float* bias, bool accumulate, float* out) {
   vf acc[J][AB];
@@ -128,18 +150,20 @@ inline void dense_block(const float* in, int K, const float* w, int ldw, int j0,
     }
   }
   for (int j = 0; j < J; ++j)
-    for (int a = 0; a < AB; ++a) store(out + (j0 + j) * T + (a0 + a) * VW, acc[j][a]);
+    for (int a = 0; a < AB; ++a) store(out + (j0 + j) * T + (a0 + a) * VW, Tanh ? tanh_v(acc[j][a]) : acc[j][a]);
 }
 
 // A tile's product: out [J, T] (+)= bias [J] + w[K, J]^T-contracted in [K, T], i.e.
-// out[j, t] = bias[j] + sum_k w[k, j] in[k, t]  (w row-major with row stride ldw).
+// out[j, t] = bias[j] + sum_k w[k, j] in[k, t]  (w row-major with row stride ldw); with
+// Tanh, tanh of that, applied in registers before the store.
+template <bool Tanh = false>
 inline void dense(const float* in, int K, const float* w, int ldw, int J, const float* bias,
                   bool accumulate, float* out) {
   for (int a0 = 0; a0 < A; a0 += AB) {
     int j0 = 0;
-    for (; j0 + JB <= J; j0 += JB) dense_block<JB>(in, K, w, ldw, j0, a0, bias, accumulate, out);
-    for (; j0 + 2 <= J; j0 += 2) dense_block<2>(in, K, w, ldw, j0, a0, bias, accumulate, out);
-    for (; j0 < J; ++j0) dense_block<1>(in, K, w, ldw, j0, a0, bias, accumulate, out);
+    for (; j0 + JB <= J; j0 += JB) dense_block<JB, Tanh>(in, K, w, ldw, j0, a0, bias, accumulate, out);
+    for (; j0 + 2 <= J; j0 += 2) dense_block<2, Tanh>(in, K, w, ldw, j0, a0, bias, accumulate, out);
+    for (; j0 < J; ++j0) dense_block<1, Tanh>(in, K, w, ldw, j0, a0, bias, accumulate, out);
   }
 }
 
@@ -370,15 +394,11 @@ void tile_forward(const Layout& L, const float* p, const float* q, Tile& t) {
     const vf z = sigmoid_v(load(t.g + i)), r = sigmoid_v(load(t.g + C * T + i));
     store(t.z + i, z); store(t.r + i, r); store(t.rc + i, r * load(c + i));
   });
-  dense(t.xc, L.X, p + L.o_wx0, H1, H1, p + L.o_bx0, false, t.hx0);
-  each(H1 * T, [&](int i) { store(t.hx0 + i, tanh_v(load(t.hx0 + i))); });
-  dense(t.hx0, H1, p + L.o_wx1, H2, H2, p + L.o_bx1, false, t.h1);
-  dense(t.rc, C, p + L.o_wc0, H1, H1, p + L.o_bc0, false, t.hc0);
-  each(H1 * T, [&](int i) { store(t.hc0 + i, tanh_v(load(t.hc0 + i))); });
-  dense(t.hc0, H1, p + L.o_wc1, H2, H2, p + L.o_bc1, false, t.h1 + H2 * T);
-  each(2 * H2 * T, [&](int i) { store(t.h1 + i, tanh_v(load(t.h1 + i))); });
-  dense(t.h1, 2 * H2, q + L.q_w2, C, C, p + L.o_b, false, t.cand);  // both branches' last layers
-  each(C * T, [&](int i) { store(t.cand + i, tanh_v(load(t.cand + i))); });
+  dense<true>(t.xc, L.X, p + L.o_wx0, H1, H1, p + L.o_bx0, false, t.hx0);
+  dense<true>(t.hx0, H1, p + L.o_wx1, H2, H2, p + L.o_bx1, false, t.h1);
+  dense<true>(t.rc, C, p + L.o_wc0, H1, H1, p + L.o_bc0, false, t.hc0);
+  dense<true>(t.hc0, H1, p + L.o_wc1, H2, H2, p + L.o_bc1, false, t.h1 + H2 * T);
+  dense<true>(t.h1, 2 * H2, q + L.q_w2, C, C, p + L.o_b, false, t.cand);  // both branches' last layers
 }
 
 // new = z c + (1 - z) cand for the tile's rows, into out [rows, C].
