@@ -132,11 +132,18 @@ inline vf tanh_v(vf x) {
 }
 inline vf sigmoid_v(vf x) { return 0.5f * tanh_v(0.5f * x) + 0.5f; }
 
+// What a product does to its result in registers before the store: nothing, tanh, or
+// (a tanh's backward) a multiplication by 1 - h^2 for the tanh's output h.
+enum Epilogue { kNone, kTanh, kTimesDtanh };
+
+inline vf one_minus_sq(vf h) { return 1.0f - h * h; }
+
 // out[j0 + jb] (+)= bias + sum_k w[k, j0 + jb] * in[k] for jb < J, on AB vectors of agents
-// starting at vector a0 (then tanh, with Tanh). in, out: [channels, T]; w: [K, ldw].
-template <int J, bool Tanh>
+// starting at vector a0, then the epilogue E (h: [channels, T] like out). in, out:
+// [channels, T]; w: [K, ldw].
+template <int J, Epilogue E>
 inline void dense_block(const float* in, int K, const float* w, int ldw, int j0, int a0,
-                        const float* bias, bool accumulate, float* out) {
+                        const float* bias, bool accumulate, float* out, const float* h) {
   vf acc[J][AB];
   for (int j = 0; j < J; ++j)
     for (int a = 0; a < AB; ++a)
@@ -150,20 +157,26 @@ inline void dense_block(const float* in, int K, const float* w, int ldw, int j0,
     }
   }
   for (int j = 0; j < J; ++j)
-    for (int a = 0; a < AB; ++a) store(out + (j0 + j) * T + (a0 + a) * VW, Tanh ? tanh_v(acc[j][a]) : acc[j][a]);
+    for (int a = 0; a < AB; ++a) {
+      const int at = (j0 + j) * T + (a0 + a) * VW;
+      vf v = acc[j][a];
+      if (E == kTanh) v = tanh_v(v);
+      if (E == kTimesDtanh) v = v * one_minus_sq(load(h + at));
+      store(out + at, v);
+    }
 }
 
 // A tile's product: out [J, T] (+)= bias [J] + w[K, J]^T-contracted in [K, T], i.e.
-// out[j, t] = bias[j] + sum_k w[k, j] in[k, t]  (w row-major with row stride ldw); with
-// Tanh, tanh of that, applied in registers before the store.
-template <bool Tanh = false>
+// out[j, t] = bias[j] + sum_k w[k, j] in[k, t]  (w row-major with row stride ldw), then
+// the epilogue E in registers before the store (h: kTimesDtanh's tanh outputs [J, T]).
+template <Epilogue E = kNone>
 inline void dense(const float* in, int K, const float* w, int ldw, int J, const float* bias,
-                  bool accumulate, float* out) {
+                  bool accumulate, float* out, const float* h = nullptr) {
   for (int a0 = 0; a0 < A; a0 += AB) {
     int j0 = 0;
-    for (; j0 + JB <= J; j0 += JB) dense_block<JB, Tanh>(in, K, w, ldw, j0, a0, bias, accumulate, out);
-    for (; j0 + 2 <= J; j0 += 2) dense_block<2, Tanh>(in, K, w, ldw, j0, a0, bias, accumulate, out);
-    for (; j0 < J; ++j0) dense_block<1, Tanh>(in, K, w, ldw, j0, a0, bias, accumulate, out);
+    for (; j0 + JB <= J; j0 += JB) dense_block<JB, E>(in, K, w, ldw, j0, a0, bias, accumulate, out, h);
+    for (; j0 + 2 <= J; j0 += 2) dense_block<2, E>(in, K, w, ldw, j0, a0, bias, accumulate, out, h);
+    for (; j0 < J; ++j0) dense_block<1, E>(in, K, w, ldw, j0, a0, bias, accumulate, out, h);
   }
 }
 
@@ -394,11 +407,11 @@ void tile_forward(const Layout& L, const float* p, const float* q, Tile& t) {
     const vf z = sigmoid_v(load(t.g + i)), r = sigmoid_v(load(t.g + C * T + i));
     store(t.z + i, z); store(t.r + i, r); store(t.rc + i, r * load(c + i));
   });
-  dense<true>(t.xc, L.X, p + L.o_wx0, H1, H1, p + L.o_bx0, false, t.hx0);
-  dense<true>(t.hx0, H1, p + L.o_wx1, H2, H2, p + L.o_bx1, false, t.h1);
-  dense<true>(t.rc, C, p + L.o_wc0, H1, H1, p + L.o_bc0, false, t.hc0);
-  dense<true>(t.hc0, H1, p + L.o_wc1, H2, H2, p + L.o_bc1, false, t.h1 + H2 * T);
-  dense<true>(t.h1, 2 * H2, q + L.q_w2, C, C, p + L.o_b, false, t.cand);  // both branches' last layers
+  dense<kTanh>(t.xc, L.X, p + L.o_wx0, H1, H1, p + L.o_bx0, false, t.hx0);
+  dense<kTanh>(t.hx0, H1, p + L.o_wx1, H2, H2, p + L.o_bx1, false, t.h1);
+  dense<kTanh>(t.rc, C, p + L.o_wc0, H1, H1, p + L.o_bc0, false, t.hc0);
+  dense<kTanh>(t.hc0, H1, p + L.o_wc1, H2, H2, p + L.o_bc1, false, t.h1 + H2 * T);
+  dense<kTanh>(t.h1, 2 * H2, q + L.q_w2, C, C, p + L.o_b, false, t.cand);  // both branches' last layers
 }
 
 // new = z c + (1 - z) cand for the tile's rows, into out [rows, C].
@@ -412,8 +425,6 @@ void tile_store_new(const Layout& L, Tile& t, int rows, float* out) {
   for (int r = 0; r < rows; ++r)
     for (int k = 0; k < L.C; ++k) out[r * L.C + k] = nw[k * T + r];
 }
-
-inline vf one_minus_sq(vf h) { return 1.0f - h * h; }
 
 // The backward pass of one tile (after tile_forward): d_x [rows, X] and d_c [rows, C];
 // adds the parameters' cotangent to the task's sums: the hidden layers' weights (the
@@ -437,14 +448,12 @@ void tile_backward(const Layout& L, const float* p, const float* q, Tile& t, con
   transpose_tile(t.h1, 2 * H2, t.h1t, L.H2p2);
   outer_t(t.dpre, C, t.h1t, L.H2p2, sums + L.s_w2T);
   // Both branches' second layers at once: d_h1 = d_pre [wx2; wc2]^T, through tanh.
-  dense(t.dpre, C, q + L.q_w2T, 2 * H2, 2 * H2, nullptr, false, t.dh1);
-  each(2 * H2 * T, [&](int i) { store(t.dh1 + i, load(t.dh1 + i) * one_minus_sq(load(t.h1 + i))); });
+  dense<kTimesDtanh>(t.dpre, C, q + L.q_w2T, 2 * H2, 2 * H2, nullptr, false, t.dh1, t.h1);
   // mlp_x: layers 1 and 0, down to d_x.
   lane_sum(t.dh1, H2, acc + L.o_bx1 * VW);
   transpose_tile(t.hx0, H1, t.xt, L.H1p);
   outer_t(t.dh1, H2, t.xt, L.H1p, sums + L.s_wx1T);
-  dense(t.dh1, H2, q + L.q_wx1T, H1, H1, nullptr, false, t.da);
-  each(H1 * T, [&](int i) { store(t.da + i, load(t.da + i) * one_minus_sq(load(t.hx0 + i))); });
+  dense<kTimesDtanh>(t.dh1, H2, q + L.q_wx1T, H1, H1, nullptr, false, t.da, t.hx0);
   lane_sum(t.da, H1, acc + L.o_bx0 * VW);
   transpose_tile(t.da, H1, t.xt, L.H1p);
   outer_t(t.xc, X, t.xt, L.H1p, sums + L.s_wx0);
@@ -454,8 +463,7 @@ void tile_backward(const Layout& L, const float* p, const float* q, Tile& t, con
   lane_sum(dhc1, H2, acc + L.o_bc1 * VW);
   transpose_tile(t.hc0, H1, t.ct, L.H1p);
   outer_t(dhc1, H2, t.ct, L.H1p, sums + L.s_wc1T);
-  dense(dhc1, H2, q + L.q_wc1T, H1, H1, nullptr, false, t.db);
-  each(H1 * T, [&](int i) { store(t.db + i, load(t.db + i) * one_minus_sq(load(t.hc0 + i))); });
+  dense<kTimesDtanh>(dhc1, H2, q + L.q_wc1T, H1, H1, nullptr, false, t.db, t.hc0);
   lane_sum(t.db, H1, acc + L.o_bc0 * VW);
   transpose_tile(t.db, H1, t.ct, L.H1p);
   outer_t(t.rc, C, t.ct, L.H1p, sums + L.s_wc0);
