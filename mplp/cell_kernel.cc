@@ -484,8 +484,29 @@ void tile_backward(const Layout& L, const float* p, const float* q, Tile& t, con
   }
 }
 
+// The calling thread's floating-point control (x86: MXCSR, whose flush-to-zero and
+// denormals-are-zero bits XLA's threads set), for the workers to run under.
+inline unsigned fp_control() {
+#if defined(__SSE__)
+  return _mm_getcsr();
+#else
+  return 0;
+#endif
+}
+inline void set_fp_control(unsigned csr) {
+#if defined(__SSE__)
+  _mm_setcsr(csr);
+#else
+  (void)csr;
+#endif
+}
+
 // A small pool of workers (the calling thread is one of them) that runs fn(task) for
-// task in [0, n). Calls that find the pool busy (two XLA threads at once) run inline.
+// task in [0, n), every worker under the caller's floating-point control. (A thread
+// inherits its creator's: the workers would otherwise keep that of whichever thread
+// first called the kernel, and with denormals that the caller flushes to zero and a
+// worker does not, that worker's agents would get other numbers.) Calls that find the
+// pool busy (two XLA threads at once) run inline.
 class Pool {
  public:
   Pool() : pid_(getpid()) {
@@ -503,7 +524,7 @@ class Pool {
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
-      fn_ = &fn; n_ = n; next_.store(0); done_ = 0; ++generation_;
+      fn_ = &fn; n_ = n; next_.store(0); done_ = 0; csr_ = fp_control(); ++generation_;
     }
     cv_.notify_all();
     Drain();
@@ -523,6 +544,7 @@ class Pool {
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait(lock, [&] { return generation_ != seen; });
         seen = generation_;
+        set_fp_control(csr_);
       }
       Drain();
       std::lock_guard<std::mutex> lock(mu_);
@@ -536,6 +558,7 @@ class Pool {
   const std::function<void(int)>* fn_ = nullptr;
   std::atomic<int> next_{0};
   int n_ = 0, done_ = 0;
+  unsigned csr_ = 0;
   long generation_ = 0;
 };
 
