@@ -211,9 +211,7 @@ inline void outer(const float* in, int K, const float* d, int J, float* dw, int 
   for (; k0 < K; ++k0) outer_rows<1>(in, k0, d, J, dw, ldw);
 }
 
-// dst [T, ldd] (agent-major) <- src [R, T] (channel-major), in VW x VW blocks; rows of a
-// last partial block read as zeros, so dst's columns up to ldd = R rounded up to VW are
-// all written.
+// v transposed in registers: v[i][j] <- v[j][i] (VW x VW).
 inline void transpose_block(vf (&v)[VW]) {
 #if defined(__AVX512F__)
   // 32-bit, then 64-bit interleaves: u[4g + m]'s 128-bit lane L holds column 4L + m of
@@ -263,6 +261,9 @@ inline void transpose_block(vf (&v)[VW]) {
 #endif
 }
 
+// dst [T, ldd] (agent-major) <- src [R, T] (channel-major), in VW x VW blocks; rows of a
+// last partial block read as zeros, so dst's columns up to ldd = R rounded up to VW are
+// all written.
 inline void transpose_tile(const float* src, int R, float* dst, int ldd) {
   for (int r0 = 0; r0 < R; r0 += VW)
     for (int t0 = 0; t0 < T; t0 += VW) {
