@@ -333,6 +333,9 @@ struct Layout {
   // A task's register-summed cotangents (outer_t), vectorized over the hidden side:
   // [wx2; wc2]^T [C, H2p2], wx1^T and wc1^T [H2, H1p], wx0 [X, H1p], wc0 [C, H1p].
   int s_w2T, s_wx1T, s_wc1T, s_wx0, s_wc0, S;
+  // The parameters summed per vector lane instead (the gates' weights, every bias): ranges
+  // [at, at + n) of the flat vector; only these lanes are ever written.
+  int lane_at[6], lane_n[6];
   Layout(int x, int c, int h1, int h2)
       : X(x), C(c), H1(h1), H2(h2), KXC(x + c), H1p((h1 + VW - 1) / VW * VW),
         H2p2((2 * h2 + VW - 1) / VW * VW) {
@@ -350,6 +353,9 @@ struct Layout {
     o = 0;
     s_w2T = take(C * H2p2); s_wx1T = take(H2 * H1p); s_wc1T = take(H2 * H1p);
     s_wx0 = take(X * H1p); s_wc0 = take(C * H1p); S = o;
+    const int ranges[6][2] = {{o_wg, KXC * 2 * C + 2 * C}, {o_bx0, H1}, {o_bx1, H2},
+                              {o_bc0, H1}, {o_bc1, H2}, {o_b, C}};
+    for (int i = 0; i < 6; ++i) { lane_at[i] = ranges[i][0]; lane_n[i] = ranges[i][1]; }
   }
 };
 
@@ -659,16 +665,19 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c, ffi::Buffe
     int64_t group = -1;
     auto flush = [&] {  // lanes' and sums' totals into group's cotangent; both to zero
       if (group < 0) return;
-      std::vector<float> sum(L.P);
-      for (int k = 0; k < L.P; ++k) {
-        float s = 0.0f;
-        for (int l = 0; l < VW; ++l) s += lanes[size_t(k) * VW + l];
-        sum[k] = s;
-      }
-      // sums [rows, cols] (row stride ld) into sum[at + c * cstride + r]
+      std::vector<float> sum(L.P, 0.0f);
+      for (int i = 0; i < 6; ++i)
+        for (int k = L.lane_at[i]; k < L.lane_at[i] + L.lane_n[i]; ++k) {
+          float* lane = lanes.data() + size_t(k) * VW;
+          float s = 0.0f;
+          for (int l = 0; l < VW; ++l) s += lane[l];
+          sum[k] = s;
+          std::fill(lane, lane + VW, 0.0f);
+        }
+      // sums [rows, cols] (row stride ld) into sum[at + col * cstride + row * rstride]
       auto put = [&](int from, int rows, int cols, int ld, int at, int cstride, int rstride) {
-        for (int r = 0; r < rows; ++r)
-          for (int c = 0; c < cols; ++c) sum[at + c * cstride + r * rstride] += sums[from + r * ld + c];
+        for (int row = 0; row < rows; ++row)
+          for (int col = 0; col < cols; ++col) sum[at + col * cstride + row * rstride] += sums[from + row * ld + col];
       };
       const int C = L.C, H1 = L.H1, H2 = L.H2;
       put(L.s_w2T, C, H2, L.H2p2, L.o_wx2, C, 1);            // [wx2; wc2]^T: wx2 [H2, C]
@@ -677,7 +686,6 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c, ffi::Buffe
       put(L.s_wc1T, H2, H1, L.H1p, L.o_wc1, H2, 1);          // wc1^T: wc1 [H1, H2]
       put(L.s_wx0, L.X, H1, L.H1p, L.o_wx0, 1, H1);          // wx0 [X, H1]
       put(L.s_wc0, C, H1, L.H1p, L.o_wc0, 1, H1);            // wc0 [C, H1]
-      std::fill(lanes.begin(), lanes.begin() + size_t(L.P) * VW, 0.0f);
       std::fill(sums.begin(), sums.begin() + L.S, 0.0f);
       std::lock_guard<std::mutex> lock(add_mu);
       for (int k = 0; k < L.P; ++k) dp[group * L.P + k] += sum[k];
