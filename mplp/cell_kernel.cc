@@ -25,10 +25,12 @@
 // a hidden-layer side (all but 432 of the MNIST cell's 9,232 weights) are summed over the
 // tile in registers, vectorized over that side, from agent-major copies of the tile's
 // hidden activations and their cotangents (outer_t); the rest (the gates, the biases)
-// are kept per vector lane ([P, VW]). Each task reduces its sums once at the end.
+// are kept per vector lane ([P, VW]). Each chunk of tiles reduces its sums once per group
+// it covers, into its own row; the rows are added in chunk order.
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -276,7 +278,7 @@ inline void transpose_tile(const float* src, int R, float* dst, int ldd) {
 
 // A product's weight cotangent summed over the tile in registers: acc[k, :] += sum_t
 // b[k, t] v[t, :], b [K, T] channel-major (broadcast), v [T, ldv] agent-major (ldv a
-// multiple of VW). acc [K, ldv] is the task's whole-call sum (no per-lane copies).
+// multiple of VW). acc [K, ldv] is the chunk's sum (no per-lane copies).
 template <int KB, int VB>
 inline void outer_t_block(const float* b, int k0, const float* v, int ldv, int v0, float* acc) {
   vf a[KB][VB];
@@ -324,13 +326,13 @@ inline void lane_sum(const float* d, int J, float* db) {
 template <typename F>
 inline void each(int n, F f) { for (int i = 0; i < n; i += VW) f(i); }
 
-// Where each parameter lives in the caller's flat vector (and, times VW, in a task's
+// Where each parameter lives in the caller's flat vector (and, times VW, in a chunk's
 // per-lane cotangent), and in the packed copy (the transposes the backward pass uses).
 struct Layout {
   int X, C, H1, H2, KXC, H1p, H2p2;  // H1p, H2p2: H1 and 2 H2 rounded up to VW
   int o_wg, o_bg, o_wx0, o_bx0, o_wx1, o_bx1, o_wx2, o_wc0, o_bc0, o_wc1, o_bc1, o_wc2, o_b, P;
   int q_w2, q_wgT, q_wx0T, q_wx1T, q_w2T, q_wc0T, q_wc1T, Q;
-  // A task's register-summed cotangents (outer_t), vectorized over the hidden side:
+  // A chunk's register-summed cotangents (outer_t), vectorized over the hidden side:
   // [wx2; wc2]^T [C, H2p2], wx1^T and wc1^T [H2, H1p], wx0 [X, H1p], wc0 [C, H1p].
   int s_w2T, s_wx1T, s_wc1T, s_wx0, s_wc0, S;
   // The parameters summed per vector lane instead (the gates' weights, every bias): ranges
@@ -434,7 +436,7 @@ void tile_store_new(const Layout& L, Tile& t, int rows, float* out) {
 }
 
 // The backward pass of one tile (after tile_forward): d_x [rows, X] and d_c [rows, C];
-// adds the parameters' cotangent to the task's sums: the hidden layers' weights (the
+// adds the parameters' cotangent to the chunk's sums: the hidden layers' weights (the
 // products with an H1- or 2 H2-wide side) to sums [S] (outer_t, on agent-major copies),
 // the gates' weights and the biases to the per-lane acc [P, VW].
 void tile_backward(const Layout& L, const float* p, const float* q, Tile& t, const float* d_new,
@@ -509,11 +511,16 @@ inline void set_fp_control(unsigned csr) {
 }
 
 // A small pool of workers (the calling thread is one of them) that runs fn(task) for
-// task in [0, n), every worker under the caller's floating-point control. (A thread
-// inherits its creator's: the workers would otherwise keep that of whichever thread
-// first called the kernel, and with denormals that the caller flushes to zero and a
-// worker does not, that worker's agents would get other numbers.) Calls that find the
-// pool busy (two XLA threads at once) run inline.
+// task in [0, n), each task once, on whichever worker takes it next, every worker under
+// the caller's floating-point control. (A thread inherits its creator's: the workers
+// would otherwise keep that of whichever thread first called the kernel, and with
+// denormals that the caller flushes to zero and a worker does not, that worker's agents
+// would get other numbers.) Calls that find the pool busy (two XLA threads at once) run
+// inline. A worker that finishes polls for the next call for kSpin (yielding its core to
+// any other runnable thread) before it sleeps: in a meta-step the calls follow each
+// other closely (the sinusoid meta-step: 90 calls, ~14 ms of XLA work between them), and
+// a sleeping worker took 0.16 ms on average to wake (measured over those calls), most of
+// a small call's time, during which the caller ran alone.
 class Pool {
  public:
   Pool() : pid_(getpid()) {
@@ -532,6 +539,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mu_);
       fn_ = &fn; n_ = n; next_.store(0); done_ = 0; csr_ = fp_control(); ++generation_;
+      posted_.store(generation_, std::memory_order_release);
     }
     cv_.notify_all();
     Drain();
@@ -547,6 +555,9 @@ class Pool {
   void Work() {
     long seen = 0;
     for (;;) {
+      const auto until = std::chrono::steady_clock::now() + kSpin;
+      while (posted_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < until)
+        sched_yield();
       {
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait(lock, [&] { return generation_ != seen; });
@@ -567,6 +578,8 @@ class Pool {
   int n_ = 0, done_ = 0;
   unsigned csr_ = 0;
   long generation_ = 0;
+  std::atomic<long> posted_{0};  // generation_, read without the lock by spinning workers
+  static constexpr std::chrono::microseconds kSpin{1000};
 };
 
 Pool& pool() {
@@ -582,16 +595,21 @@ ffi::Error check(const Dims& d, const Layout& L) {
   return ffi::Error::Success();
 }
 
-// The calls' work: G groups of ceil(n / T) tiles, in contiguous runs, one per thread.
+// The calls' work: G groups of ceil(n / T) tiles, cut into chunks of contiguous tiles,
+// about 4 per thread, that the threads take as they come free (a late or slowed worker
+// leaves its chunks to the others instead of holding the call back).
 struct Work {
-  int64_t tiles_per_group, total, per_task;
-  int tasks;
+  int64_t tiles_per_group, total, per_chunk;
+  int chunks;
   Work(int64_t n, int64_t G, int threads) {
     tiles_per_group = (n + T - 1) / T;
     total = G * tiles_per_group;
-    tasks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, total)));
-    per_task = (total + tasks - 1) / tasks;
+    per_chunk = std::max<int64_t>(1, (total + 4 * threads - 1) / (4 * threads));
+    chunks = static_cast<int>((total + per_chunk - 1) / per_chunk);
   }
+  int64_t begin(int chunk) const { return chunk * per_chunk; }
+  int64_t end(int chunk) const { return std::min(total, (chunk + 1) * per_chunk); }
+  int64_t group(int64_t tile) const { return tile / tiles_per_group; }
 };
 
 // What both calls start from: the shapes, checked, and the packed parameters.
@@ -626,10 +644,10 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c, ffi::Buffer
   const Work w(d.n, d.G, workers.size());
   const float *xp = x.typed_data(), *cp = c.typed_data(), *pp = params.typed_data();
   float* op = out->typed_data();
-  workers.Run(w.tasks, [&](int task) {
+  workers.Run(w.chunks, [&](int chunk) {
     Tile t(L);
-    for (int64_t i = task * w.per_task; i < std::min(w.total, (task + 1) * w.per_task); ++i) {
-      const int64_t g = i / w.tiles_per_group, tile = i % w.tiles_per_group;
+    for (int64_t i = w.begin(chunk); i < w.end(chunk); ++i) {
+      const int64_t g = w.group(i), tile = i % w.tiles_per_group;
       const int64_t pg = d.Gp == 1 ? 0 : g, a = g * d.n + tile * T;
       const int rows = static_cast<int>(std::min<int64_t>(T, d.n - tile * T));
       tile_load(L, xp + a * d.X, cp + a * d.C, rows, t);
@@ -651,21 +669,28 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c, ffi::Buffe
   const std::vector<float>& packed = call.packed;
   Pool& workers = pool();
   const Work w(d.n, d.G, workers.size());
-  float* dp = d_params->typed_data();
-  std::fill(dp, dp + d.G * L.P, 0.0f);
-  std::mutex add_mu;
+  // Each chunk's cotangent sum for each group it covers goes to its own row of parts
+  // (chunk c's share of group g: row c + g, unique since chunks are contiguous runs of
+  // tiles), then the rows are added in chunk order: the same numbers whichever thread ran
+  // which chunk.
+  // (parts is the calling thread's; the chunks, on any thread, reach it through part_rows.)
+  thread_local std::vector<float> parts;
+  const int64_t rows_n = std::max<int64_t>(0, w.chunks + d.G - 1);
+  if (parts.size() < size_t(rows_n * L.P)) parts.resize(size_t(rows_n * L.P));
+  float* const part_rows = parts.data();
   const float *xp = x.typed_data(), *cp = c.typed_data(), *pp = params.typed_data();
   const float* dnp = d_new.typed_data();
   float *dxp = d_x->typed_data(), *dcp = d_c->typed_data();
-  workers.Run(w.tasks, [&](int task) {
+  workers.Run(w.chunks, [&](int chunk) {
     Tile t(L);
     thread_local std::vector<float> lanes, sums;  // all zeros between uses (flush zeroes them)
     if (lanes.size() < size_t(L.P) * VW) lanes.assign(size_t(L.P) * VW, 0.0f);
     if (sums.size() < size_t(L.S)) sums.assign(L.S, 0.0f);
     int64_t group = -1;
-    auto flush = [&] {  // lanes' and sums' totals into group's cotangent; both to zero
+    auto flush = [&] {  // lanes' and sums' totals into the chunk's row for group; both to zero
       if (group < 0) return;
-      std::vector<float> sum(L.P, 0.0f);
+      float* sum = part_rows + (chunk + group) * L.P;
+      std::fill(sum, sum + L.P, 0.0f);
       for (int i = 0; i < 6; ++i)
         for (int k = L.lane_at[i]; k < L.lane_at[i] + L.lane_n[i]; ++k) {
           float* lane = lanes.data() + size_t(k) * VW;
@@ -687,11 +712,9 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c, ffi::Buffe
       put(L.s_wx0, L.X, H1, L.H1p, L.o_wx0, 1, H1);          // wx0 [X, H1]
       put(L.s_wc0, C, H1, L.H1p, L.o_wc0, 1, H1);            // wc0 [C, H1]
       std::fill(sums.begin(), sums.begin() + L.S, 0.0f);
-      std::lock_guard<std::mutex> lock(add_mu);
-      for (int k = 0; k < L.P; ++k) dp[group * L.P + k] += sum[k];
     };
-    for (int64_t i = task * w.per_task; i < std::min(w.total, (task + 1) * w.per_task); ++i) {
-      const int64_t g = i / w.tiles_per_group, tile = i % w.tiles_per_group;
+    for (int64_t i = w.begin(chunk); i < w.end(chunk); ++i) {
+      const int64_t g = w.group(i), tile = i % w.tiles_per_group;
       if (g != group) { flush(); group = g; }
       const int64_t pg = d.Gp == 1 ? 0 : g, a = g * d.n + tile * T;
       const int rows = static_cast<int>(std::min<int64_t>(T, d.n - tile * T));
@@ -702,6 +725,14 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c, ffi::Buffe
     }
     flush();
   });
+  float* dp = d_params->typed_data();
+  std::fill(dp, dp + d.G * L.P, 0.0f);
+  for (int chunk = 0; chunk < w.chunks; ++chunk)
+    for (int64_t g = w.group(w.begin(chunk)); g <= w.group(w.end(chunk) - 1); ++g) {
+      const float* part = part_rows + (chunk + g) * L.P;
+      float* to = dp + g * L.P;
+      for (int k = 0; k < L.P; ++k) to[k] += part[k];
+    }
   return ffi::Error::Success();
 }
 

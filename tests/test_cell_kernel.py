@@ -163,3 +163,23 @@ def test_without_a_compiler_the_cell_runs_in_xla_with_a_warning(tmp_path):
   assert len(warned) == 1 and warned[0].startswith("mplp: the fused agent-cell kernel is unavailable")
   assert "no-such-compiler" in warned[0]
   assert np.isfinite(total)
+
+
+def test_backward_is_the_same_whichever_thread_runs_which_chunk():
+  """The backward's tiles are cut into chunks that the pool's threads take as they come
+  free, so which thread sums which agents changes from call to call; the parameter
+  cotangent must not (each chunk's share is added in chunk order). 3 groups of 555 agents:
+  chunks that span groups; repeated calls must agree bitwise."""
+  x_size, c_size = 6, 12
+  p, _, _ = _case("flat", x_size, c_size)
+  flat = cell_kernel.flatten_params(p)
+  k = jax.random.split(jax.random.PRNGKey(3), 3)
+  x = jax.random.normal(k[0], (3, 555, x_size))
+  c = 0.5 * jax.random.normal(k[1], (3, 555, c_size))
+  d_new = jax.random.normal(k[2], (3, 555, c_size))
+  backward = jax.jit(cell_kernel._calls(*agents.MLP_SIZES)[1])
+  first = [np.asarray(a) for a in backward(x, c, flat[None], d_new)]
+  for _ in range(40):
+    again = backward(x, c, flat[None], d_new)
+    for a, b in zip(first, again):
+      np.testing.assert_array_equal(a, np.asarray(b))
