@@ -30,14 +30,14 @@ class TaskSample(NamedTuple):
   y_eval: jax.Array  # [E, out]
 
 
-def jit_with_task(fn, task):
-  """`compiling.jit(fn)` for `fn(*args, task)`, returning `g(*args)`: a pytree task travels as
-  an argument (its arrays are not baked into the program), any other task object is
-  closed over as a constant."""
+def jit_with_task(fn, task, *, once: bool = False):
+  """`compiling.jit(fn, once=once)` for `fn(*args, task)`, returning `g(*args)`: a pytree
+  task travels as an argument (its arrays are not baked into the program), any other task
+  object is closed over as a constant."""
   leaves = jax.tree_util.tree_leaves(task)
   if len(leaves) == 1 and leaves[0] is task:  # not a pytree
-    return compiling.jit(lambda *args: fn(*args, task))
-  jitted = compiling.jit(fn)
+    return compiling.jit(lambda *args: fn(*args, task), once=once)
+  jitted = compiling.jit(fn, once=once)
   return lambda *args: jitted(*args, task)
 
 

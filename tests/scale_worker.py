@@ -48,7 +48,7 @@ def main():
   task = config_lib.build_task(cfg)
   trainer = config_lib.build_trainer(cfg, config_lib.build_network(cfg, task))
   assert (trainer.mesh.size if trainer.mesh is not None else 1) == max(devices, 1), trainer.mesh
-  state = distributed.replicate(distributed.to_host(jit_with_task(trainer.init, task)(jax.random.PRNGKey(0))),
+  state = distributed.replicate(distributed.to_host(jit_with_task(trainer.init, task, once=True)(jax.random.PRNGKey(0))),
                                 trainer.mesh)
   trainers = {"backprop": dataclasses.replace(trainer, estimator=Backprop()),
               "es": dataclasses.replace(trainer, estimator=ES(sigma=0.01, pairs=ES_PAIRS))}

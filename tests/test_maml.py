@@ -14,7 +14,7 @@ def test_maml_outer_loss_and_meta_gradient_equal_hand_written_maml():
   task = config_lib.build_task(cfg)
   net = config_lib.build_network(cfg, task)
   trainer = config_lib.build_trainer(cfg, net)
-  state = jit_with_task(trainer.init, task)(jax.random.PRNGKey(0))
+  state = jit_with_task(trainer.init, task, once=True)(jax.random.PRNGKey(0))
   key = jax.random.fold_in(state.rng, state.step)
   lr, w = cfg.network.inner_lr, trainer.objective
 

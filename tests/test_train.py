@@ -41,8 +41,8 @@ def test_meta_training_improves_held_out_loss():
   keys = jax.random.split(jax.random.PRNGKey(99), 64)
   curves = jax.jit(lambda s: evaluation.rule_curves(
       trainer.episode, s.trainable, s.stats, s.pool, Sinusoid(eval_grid=True), keys)["loss"].mean(0))
-  before = curves(jit_with_task(trainer.init, task)(jax.random.PRNGKey(0)))
-  state = jit_with_task(trainer.init, task)(jax.random.PRNGKey(0))
+  before = curves(jit_with_task(trainer.init, task, once=True)(jax.random.PRNGKey(0)))
+  state = jit_with_task(trainer.init, task, once=True)(jax.random.PRNGKey(0))
   step = jit_with_task(trainer.step, task)
   for _ in range(300):
     state, _ = step(state)

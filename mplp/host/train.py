@@ -207,7 +207,7 @@ def _initial_state(cfg, trainer, task, latest, log):
   key = jax.random.PRNGKey(cfg.run.seed)
   if latest is not None:
     return jax.eval_shape(lambda k: trainer.init(k, task), key)
-  state = distributed.to_host(jit_with_task(trainer.init, task)(key))
+  state = distributed.to_host(jit_with_task(trainer.init, task, once=True)(key))
   if cfg.meta.init_rule:
     from mplp.host import sources
     trainable, stats = sources.warm_start(cfg.meta.init_rule, state.trainable, state.stats)
