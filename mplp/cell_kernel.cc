@@ -21,12 +21,12 @@
 // Layout: inside a tile every tensor is channel-major, [channels, T] ("structure of
 // arrays"): a vector register holds one channel of VW agents, so no channel count is
 // padded to the vector width, and every product is out[j] += w[k, j] * in[k] with the
-// weight broadcast. Parameter cotangents are sums over agents. Those of the products with
-// a hidden-layer side (all but 432 of the MNIST cell's 9,232 weights) are summed over the
-// tile in registers, vectorized over that side, from agent-major copies of the tile's
-// hidden activations and their cotangents (outer_t); the rest (the gates, the biases)
-// are kept per vector lane ([P, VW]). Each chunk of tiles reduces its sums once per group
-// it covers, into its own row; the rows are added in chunk order.
+// weight broadcast. Parameter cotangents are sums over agents. Those of the weights are
+// summed over the tile in registers, vectorized over the product's wider side (a hidden
+// layer's, or the gates' 2C), from agent-major copies of the tile's activations or their
+// cotangents (outer_t); the biases' are kept per vector lane ([P, VW]). Each chunk of
+// tiles reduces its sums once per group it covers, into its own row; the rows are added
+// in chunk order.
 
 #include <algorithm>
 #include <atomic>
@@ -52,12 +52,10 @@ namespace {
 #if defined(__AVX512F__)
 constexpr int VW = 16;  // floats per vector register (32 registers)
 constexpr int JB = 6;   // output channels a product keeps in registers (x 4 vectors of agents)
-constexpr int OKB = 4, OJB = 5;  // rows x columns of a cotangent block in registers
 constexpr int TKB = 4, TVB = 5;  // rows x vectors of a register-summed cotangent block
 #else
 constexpr int VW = 8;   // (16 registers)
 constexpr int JB = 2;
-constexpr int OKB = 2, OJB = 4;
 constexpr int TKB = 2, TVB = 5;
 #endif
 constexpr int T = 64;        // agents per tile
@@ -182,37 +180,6 @@ inline void dense(const float* in, int K, const float* w, int ldw, int J, const 
   }
 }
 
-// Per-lane cotangent of a product's weights: dw[k, j] += in[k] * d[j] (lane by lane, over
-// the tile's vectors of agents). in [K, T], d [J, T], dw [K, J, VW] (row stride ldw * VW).
-template <int KB, int JJ>
-inline void outer_block(const float* in, int k0, const float* d, int j0, float* dw, int ldw) {
-  vf acc[KB][JJ];
-  for (int k = 0; k < KB; ++k)
-    for (int j = 0; j < JJ; ++j) acc[k][j] = load(dw + ((k0 + k) * ldw + j0 + j) * VW);
-  for (int a = 0; a < A; ++a) {
-    vf u[KB], v[JJ];
-    for (int k = 0; k < KB; ++k) u[k] = load(in + (k0 + k) * T + a * VW);
-    for (int j = 0; j < JJ; ++j) v[j] = load(d + (j0 + j) * T + a * VW);
-    for (int k = 0; k < KB; ++k)
-      for (int j = 0; j < JJ; ++j) acc[k][j] += u[k] * v[j];
-  }
-  for (int k = 0; k < KB; ++k)
-    for (int j = 0; j < JJ; ++j) store(dw + ((k0 + k) * ldw + j0 + j) * VW, acc[k][j]);
-}
-
-template <int KB>
-inline void outer_rows(const float* in, int k0, const float* d, int J, float* dw, int ldw) {
-  int j0 = 0;
-  for (; j0 + OJB <= J; j0 += OJB) outer_block<KB, OJB>(in, k0, d, j0, dw, ldw);
-  for (; j0 < J; ++j0) outer_block<KB, 1>(in, k0, d, j0, dw, ldw);
-}
-
-inline void outer(const float* in, int K, const float* d, int J, float* dw, int ldw) {
-  int k0 = 0;
-  for (; k0 + OKB <= K; k0 += OKB) outer_rows<OKB>(in, k0, d, J, dw, ldw);
-  for (; k0 < K; ++k0) outer_rows<1>(in, k0, d, J, dw, ldw);
-}
-
 // v transposed in registers: v[i][j] <- v[j][i] (VW x VW).
 inline void transpose_block(vf (&v)[VW]) {
 #if defined(__AVX512F__)
@@ -329,18 +296,19 @@ inline void each(int n, F f) { for (int i = 0; i < n; i += VW) f(i); }
 // Where each parameter lives in the caller's flat vector (and, times VW, in a chunk's
 // per-lane cotangent), and in the packed copy (the transposes the backward pass uses).
 struct Layout {
-  int X, C, H1, H2, KXC, H1p, H2p2;  // H1p, H2p2: H1 and 2 H2 rounded up to VW
+  int X, C, H1, H2, KXC, H1p, H2p2, C2p;  // H1p, H2p2, C2p: H1, 2 H2 and 2 C rounded up to VW
   int o_wg, o_bg, o_wx0, o_bx0, o_wx1, o_bx1, o_wx2, o_wc0, o_bc0, o_wc1, o_bc1, o_wc2, o_b, P;
   int q_w2, q_wgT, q_wx0T, q_wx1T, q_w2T, q_wc0T, q_wc1T, Q;
-  // A chunk's register-summed cotangents (outer_t), vectorized over the hidden side:
-  // [wx2; wc2]^T [C, H2p2], wx1^T and wc1^T [H2, H1p], wx0 [X, H1p], wc0 [C, H1p].
-  int s_w2T, s_wx1T, s_wc1T, s_wx0, s_wc0, S;
-  // The parameters summed per vector lane instead (the gates' weights, every bias): ranges
-  // [at, at + n) of the flat vector; only these lanes are ever written.
+  // A chunk's register-summed cotangents (outer_t), vectorized over the wider side:
+  // [wx2; wc2]^T [C, H2p2], wx1^T and wc1^T [H2, H1p], wx0 [X, H1p], wc0 [C, H1p],
+  // wg [X + C, C2p].
+  int s_w2T, s_wx1T, s_wc1T, s_wx0, s_wc0, s_wg, S;
+  // The parameters summed per vector lane instead (the biases): ranges [at, at + n) of the
+  // flat vector; only these lanes are ever written.
   int lane_at[6], lane_n[6];
   Layout(int x, int c, int h1, int h2)
       : X(x), C(c), H1(h1), H2(h2), KXC(x + c), H1p((h1 + VW - 1) / VW * VW),
-        H2p2((2 * h2 + VW - 1) / VW * VW) {
+        H2p2((2 * h2 + VW - 1) / VW * VW), C2p((2 * c + VW - 1) / VW * VW) {
     int o = 0;
     auto take = [&o](int k) { int at = o; o += k; return at; };
     o_wg = take(KXC * 2 * C); o_bg = take(2 * C);  // wgx then wgc: one [X + C, 2C] kernel
@@ -354,8 +322,8 @@ struct Layout {
     Q = o;
     o = 0;
     s_w2T = take(C * H2p2); s_wx1T = take(H2 * H1p); s_wc1T = take(H2 * H1p);
-    s_wx0 = take(X * H1p); s_wc0 = take(C * H1p); S = o;
-    const int ranges[6][2] = {{o_wg, KXC * 2 * C + 2 * C}, {o_bx0, H1}, {o_bx1, H2},
+    s_wx0 = take(X * H1p); s_wc0 = take(C * H1p); s_wg = take(KXC * C2p); S = o;
+    const int ranges[6][2] = {{o_bg, 2 * C}, {o_bx0, H1}, {o_bx1, H2},
                               {o_bc0, H1}, {o_bc1, H2}, {o_b, C}};
     for (int i = 0; i < 6; ++i) { lane_at[i] = ranges[i][0]; lane_n[i] = ranges[i][1]; }
   }
@@ -382,14 +350,14 @@ void pack(const Layout& L, const float* p, float* q) {
 struct Tile {
   float *xc, *g, *z, *r, *rc, *hx0, *hc0, *h1, *cand;  // forward; c = xc + X T, h1 = [hx1; hc1]
   float *dn, *dc, *dpre, *dh1, *da, *db, *drc, *dg, *dxc, *dx;
-  float *h1t, *xt, *ct;  // agent-major [T, *]: h1; hx0, then d_a; hc0, then d_b
+  float *h1t, *xt, *ct, *gt;  // agent-major [T, *]: h1; hx0, then d_a; hc0, then d_b; d_g
   explicit Tile(const Layout& L) {
     const int w[] = {L.KXC, 2 * L.C, L.C, L.C, L.C, L.H1, L.H1, 2 * L.H2, L.C,
                      L.C, L.C, L.C, 2 * L.H2, L.H1, L.H1, L.C, 2 * L.C, L.KXC, L.X,
-                     L.H2p2, L.H1p, L.H1p};
+                     L.H2p2, L.H1p, L.H1p, L.C2p};
     float** ptr[] = {&xc, &g, &z, &r, &rc, &hx0, &hc0, &h1, &cand,
                      &dn, &dc, &dpre, &dh1, &da, &db, &drc, &dg, &dxc, &dx,
-                     &h1t, &xt, &ct};
+                     &h1t, &xt, &ct, &gt};
     size_t total = 0;
     for (int k : w) total += size_t(T) * k;
     thread_local std::vector<float> mem;
@@ -436,9 +404,8 @@ void tile_store_new(const Layout& L, Tile& t, int rows, float* out) {
 }
 
 // The backward pass of one tile (after tile_forward): d_x [rows, X] and d_c [rows, C];
-// adds the parameters' cotangent to the chunk's sums: the hidden layers' weights (the
-// products with an H1- or 2 H2-wide side) to sums [S] (outer_t, on agent-major copies),
-// the gates' weights and the biases to the per-lane acc [P, VW].
+// adds the parameters' cotangent to the chunk's sums: the weights to sums [S] (outer_t,
+// on agent-major copies), the biases to the per-lane acc [P, VW].
 void tile_backward(const Layout& L, const float* p, const float* q, Tile& t, const float* d_new,
                    int rows, float* acc, float* sums, float* d_x, float* d_c) {
   const int C = L.C, H1 = L.H1, H2 = L.H2, X = L.X;
@@ -485,7 +452,8 @@ void tile_backward(const Layout& L, const float* p, const float* q, Tile& t, con
     store(t.dg + C * T + i, drc * load(c + i) * r * (1.0f - r));
   });
   lane_sum(t.dg, 2 * C, acc + L.o_bg * VW);
-  outer(t.xc, L.KXC, t.dg, 2 * C, acc + L.o_wg * VW, 2 * C);
+  transpose_tile(t.dg, 2 * C, t.gt, L.C2p);
+  outer_t(t.xc, L.KXC, t.gt, L.C2p, sums + L.s_wg);
   dense(t.dg, 2 * C, q + L.q_wgT, L.KXC, L.KXC, nullptr, false, t.dxc);
   for (int r = 0; r < rows; ++r) {
     for (int k = 0; k < X; ++k) d_x[r * X + k] = t.dx[k * T + r] + t.dxc[k * T + r];
@@ -711,6 +679,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c, ffi::Buffe
       put(L.s_wc1T, H2, H1, L.H1p, L.o_wc1, H2, 1);          // wc1^T: wc1 [H1, H2]
       put(L.s_wx0, L.X, H1, L.H1p, L.o_wx0, 1, H1);          // wx0 [X, H1]
       put(L.s_wc0, C, H1, L.H1p, L.o_wc0, 1, H1);            // wc0 [C, H1]
+      put(L.s_wg, L.KXC, 2 * C, L.C2p, L.o_wg, 1, 2 * C);    // wg [X + C, 2C]
       std::fill(sums.begin(), sums.begin() + L.S, 0.0f);
     };
     for (int64_t i = w.begin(chunk); i < w.end(chunk); ++i) {
