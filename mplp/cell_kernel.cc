@@ -138,26 +138,26 @@ enum Epilogue { kNone, kTanh, kTimesDtanh };
 
 inline vf one_minus_sq(vf h) { return 1.0f - h * h; }
 
-// out[j0 + jb] (+)= bias + sum_k w[k, j0 + jb] * in[k] for jb < J, on AB vectors of agents
+// out[j0 + jb] (+)= bias + sum_k w[k, j0 + jb] * in[k] for jb < J, on NB vectors of agents
 // starting at vector a0, then the epilogue E (h: [channels, T] like out). in, out:
 // [channels, T]; w: [K, ldw].
-template <int J, Epilogue E>
+template <int J, Epilogue E, int NB>
 inline void dense_block(const float* in, int K, const float* w, int ldw, int j0, int a0,
                         const float* bias, bool accumulate, float* out, const float* h) {
-  vf acc[J][AB];
+  vf acc[J][NB];
   for (int j = 0; j < J; ++j)
-    for (int a = 0; a < AB; ++a)
+    for (int a = 0; a < NB; ++a)
       acc[j][a] = accumulate ? load(out + (j0 + j) * T + (a0 + a) * VW) : splat(bias ? bias[j0 + j] : 0.0f);
   for (int k = 0; k < K; ++k) {
-    vf v[AB];
-    for (int a = 0; a < AB; ++a) v[a] = load(in + k * T + (a0 + a) * VW);
+    vf v[NB];
+    for (int a = 0; a < NB; ++a) v[a] = load(in + k * T + (a0 + a) * VW);
     for (int j = 0; j < J; ++j) {
       const vf s = splat(w[k * ldw + j0 + j]);
-      for (int a = 0; a < AB; ++a) acc[j][a] += s * v[a];
+      for (int a = 0; a < NB; ++a) acc[j][a] += s * v[a];
     }
   }
   for (int j = 0; j < J; ++j)
-    for (int a = 0; a < AB; ++a) {
+    for (int a = 0; a < NB; ++a) {
       const int at = (j0 + j) * T + (a0 + a) * VW;
       vf v = acc[j][a];
       if (E == kTanh) v = tanh_v(v);
@@ -166,18 +166,26 @@ inline void dense_block(const float* in, int K, const float* w, int ldw, int j0,
     }
 }
 
+// All J output channels on NB vectors of agents from vector a0.
+template <Epilogue E, int NB>
+inline void dense_columns(const float* in, int K, const float* w, int ldw, int J, int a0,
+                          const float* bias, bool accumulate, float* out, const float* h) {
+  int j0 = 0;
+  for (; j0 + JB <= J; j0 += JB) dense_block<JB, E, NB>(in, K, w, ldw, j0, a0, bias, accumulate, out, h);
+  for (; j0 + 2 <= J; j0 += 2) dense_block<2, E, NB>(in, K, w, ldw, j0, a0, bias, accumulate, out, h);
+  for (; j0 < J; ++j0) dense_block<1, E, NB>(in, K, w, ldw, j0, a0, bias, accumulate, out, h);
+}
+
 // A tile's product: out [J, T] (+)= bias [J] + w[K, J]^T-contracted in [K, T], i.e.
 // out[j, t] = bias[j] + sum_k w[k, j] in[k, t]  (w row-major with row stride ldw), then
-// the epilogue E in registers before the store (h: kTimesDtanh's tanh outputs [J, T]).
+// the epilogue E in registers before the store (h: kTimesDtanh's tanh outputs [J, T]);
+// on the tile's first nv vectors of agents (the rest hold no agent).
 template <Epilogue E = kNone>
-inline void dense(const float* in, int K, const float* w, int ldw, int J, const float* bias,
+inline void dense(int nv, const float* in, int K, const float* w, int ldw, int J, const float* bias,
                   bool accumulate, float* out, const float* h = nullptr) {
-  for (int a0 = 0; a0 < A; a0 += AB) {
-    int j0 = 0;
-    for (; j0 + JB <= J; j0 += JB) dense_block<JB, E>(in, K, w, ldw, j0, a0, bias, accumulate, out, h);
-    for (; j0 + 2 <= J; j0 += 2) dense_block<2, E>(in, K, w, ldw, j0, a0, bias, accumulate, out, h);
-    for (; j0 < J; ++j0) dense_block<1, E>(in, K, w, ldw, j0, a0, bias, accumulate, out, h);
-  }
+  int a0 = 0;
+  for (; a0 + AB <= nv; a0 += AB) dense_columns<E, AB>(in, K, w, ldw, J, a0, bias, accumulate, out, h);
+  for (; a0 < nv; ++a0) dense_columns<E, 1>(in, K, w, ldw, J, a0, bias, accumulate, out, h);
 }
 
 // v transposed in registers: v[i][j] <- v[j][i] (VW x VW).
@@ -230,12 +238,12 @@ inline void transpose_block(vf (&v)[VW]) {
 #endif
 }
 
-// dst [T, ldd] (agent-major) <- src [R, T] (channel-major), in VW x VW blocks; rows of a
-// last partial block read as zeros, so dst's columns up to ldd = R rounded up to VW are
-// all written.
-inline void transpose_tile(const float* src, int R, float* dst, int ldd) {
+// dst [T, ldd] (agent-major) <- src [R, T] (channel-major), in VW x VW blocks, for the
+// first nv vectors of agents; rows of a last partial block read as zeros, so dst's
+// columns up to ldd = R rounded up to VW are all written.
+inline void transpose_tile(int nv, const float* src, int R, float* dst, int ldd) {
   for (int r0 = 0; r0 < R; r0 += VW)
-    for (int t0 = 0; t0 < T; t0 += VW) {
+    for (int t0 = 0; t0 < nv * VW; t0 += VW) {
       vf v[VW];
       for (int i = 0; i < VW; ++i) v[i] = r0 + i < R ? load(src + (r0 + i) * T + t0) : splat(0.0f);
       transpose_block(v);
@@ -244,14 +252,15 @@ inline void transpose_tile(const float* src, int R, float* dst, int ldd) {
 }
 
 // A product's weight cotangent summed over the tile in registers: acc[k, :] += sum_t
-// b[k, t] v[t, :], b [K, T] channel-major (broadcast), v [T, ldv] agent-major (ldv a
-// multiple of VW). acc [K, ldv] is the chunk's sum (no per-lane copies).
+// b[k, t] v[t, :] over the tile's first nt agents, b [K, T] channel-major (broadcast),
+// v [T, ldv] agent-major (ldv a multiple of VW). acc [K, ldv] is the chunk's sum (no
+// per-lane copies).
 template <int KB, int VB>
-inline void outer_t_block(const float* b, int k0, const float* v, int ldv, int v0, float* acc) {
+inline void outer_t_block(int nt, const float* b, int k0, const float* v, int ldv, int v0, float* acc) {
   vf a[KB][VB];
   for (int k = 0; k < KB; ++k)
     for (int j = 0; j < VB; ++j) a[k][j] = splat(0.0f);
-  for (int t = 0; t < T; ++t) {
+  for (int t = 0; t < nt; ++t) {
     vf u[VB];
     for (int j = 0; j < VB; ++j) u[j] = load(v + t * ldv + v0 + j * VW);
     for (int k = 0; k < KB; ++k) {
@@ -267,31 +276,36 @@ inline void outer_t_block(const float* b, int k0, const float* v, int ldv, int v
 }
 
 template <int KB>
-inline void outer_t_rows(const float* b, int k0, const float* v, int ldv, float* acc) {
-  const int nv = ldv / VW;
+inline void outer_t_rows(int nt, const float* b, int k0, const float* v, int ldv, float* acc) {
+  const int vectors = ldv / VW;
   int j = 0;
-  for (; j + TVB <= nv; j += TVB) outer_t_block<KB, TVB>(b, k0, v, ldv, j * VW, acc);
-  for (; j < nv; ++j) outer_t_block<KB, 1>(b, k0, v, ldv, j * VW, acc);
+  for (; j + TVB <= vectors; j += TVB) outer_t_block<KB, TVB>(nt, b, k0, v, ldv, j * VW, acc);
+  for (; j < vectors; ++j) outer_t_block<KB, 1>(nt, b, k0, v, ldv, j * VW, acc);
 }
 
-inline void outer_t(const float* b, int K, const float* v, int ldv, float* acc) {
+inline void outer_t(int nv, const float* b, int K, const float* v, int ldv, float* acc) {
   int k = 0;
-  for (; k + TKB <= K; k += TKB) outer_t_rows<TKB>(b, k, v, ldv, acc);
-  for (; k < K; ++k) outer_t_rows<1>(b, k, v, ldv, acc);
+  for (; k + TKB <= K; k += TKB) outer_t_rows<TKB>(nv * VW, b, k, v, ldv, acc);
+  for (; k < K; ++k) outer_t_rows<1>(nv * VW, b, k, v, ldv, acc);
 }
 
-// Per-lane cotangent of a bias: db[j] += d[j] over the tile. d [J, T], db [J, VW].
-inline void lane_sum(const float* d, int J, float* db) {
+// Per-lane cotangent of a bias: db[j] += d[j] over the tile's first nv vectors of agents.
+// d [J, T], db [J, VW].
+inline void lane_sum(int nv, const float* d, int J, float* db) {
   for (int j = 0; j < J; ++j) {
     vf s = load(db + j * VW);
-    for (int a = 0; a < A; ++a) s += load(d + j * T + a * VW);
+    for (int a = 0; a < nv; ++a) s += load(d + j * T + a * VW);
     store(db + j * VW, s);
   }
 }
 
-// Elementwise helpers on [channels, T] buffers (n = channels * T floats).
+// f(i) for the offset i of each vector of the first nv vectors of agents of each of the
+// channels of a [channels, T] buffer (elementwise work).
 template <typename F>
-inline void each(int n, F f) { for (int i = 0; i < n; i += VW) f(i); }
+inline void each(int nv, int channels, F f) {
+  for (int ch = 0; ch < channels; ++ch)
+    for (int a = 0; a < nv; ++a) f(ch * T + a * VW);
+}
 
 // Where each parameter lives in the caller's flat vector (and, times VW, in a chunk's
 // per-lane cotangent), and in the packed copy (the transposes the backward pass uses).
@@ -351,6 +365,10 @@ struct Tile {
   float *xc, *g, *z, *r, *rc, *hx0, *hc0, *h1, *cand;  // forward; c = xc + X T, h1 = [hx1; hc1]
   float *dn, *dc, *dpre, *dh1, *da, *db, *drc, *dg, *dxc, *dx;
   float *h1t, *xt, *ct, *gt;  // agent-major [T, *]: h1; hx0, then d_a; hc0, then d_b; d_g
+  // The vectors of agents in use: a tile of fewer than T agents (a group's last, or a
+  // group of fewer) computes only the vectors that hold its agents (10 agents: 1 of 4
+  // with AVX-512).
+  int nv = A;
   explicit Tile(const Layout& L) {
     const int w[] = {L.KXC, 2 * L.C, L.C, L.C, L.C, L.H1, L.H1, 2 * L.H2, L.C,
                      L.C, L.C, L.C, 2 * L.H2, L.H1, L.H1, L.C, 2 * L.C, L.KXC, L.X,
@@ -369,6 +387,7 @@ struct Tile {
 
 // rows agents of x [rows, X] and c [rows, C] into the tile (channel-major; zeros beyond).
 void tile_load(const Layout& L, const float* x, const float* c, int rows, Tile& t) {
+  t.nv = (rows + VW - 1) / VW;
   if (rows < T) std::fill(t.xc, t.xc + T * L.KXC, 0.0f);
   for (int r = 0; r < rows; ++r) {
     for (int k = 0; k < L.X; ++k) t.xc[k * T + r] = x[r * L.X + k];
@@ -379,23 +398,23 @@ void tile_load(const Layout& L, const float* x, const float* c, int rows, Tile& 
 void tile_forward(const Layout& L, const float* p, const float* q, Tile& t) {
   const int C = L.C, H1 = L.H1, H2 = L.H2;
   const float* c = t.xc + L.X * T;
-  dense(t.xc, L.KXC, p + L.o_wg, 2 * C, 2 * C, p + L.o_bg, false, t.g);
-  each(C * T, [&](int i) {
+  dense(t.nv, t.xc, L.KXC, p + L.o_wg, 2 * C, 2 * C, p + L.o_bg, false, t.g);
+  each(t.nv, C, [&](int i) {
     const vf z = sigmoid_v(load(t.g + i)), r = sigmoid_v(load(t.g + C * T + i));
     store(t.z + i, z); store(t.r + i, r); store(t.rc + i, r * load(c + i));
   });
-  dense<kTanh>(t.xc, L.X, p + L.o_wx0, H1, H1, p + L.o_bx0, false, t.hx0);
-  dense<kTanh>(t.hx0, H1, p + L.o_wx1, H2, H2, p + L.o_bx1, false, t.h1);
-  dense<kTanh>(t.rc, C, p + L.o_wc0, H1, H1, p + L.o_bc0, false, t.hc0);
-  dense<kTanh>(t.hc0, H1, p + L.o_wc1, H2, H2, p + L.o_bc1, false, t.h1 + H2 * T);
-  dense<kTanh>(t.h1, 2 * H2, q + L.q_w2, C, C, p + L.o_b, false, t.cand);  // both branches' last layers
+  dense<kTanh>(t.nv, t.xc, L.X, p + L.o_wx0, H1, H1, p + L.o_bx0, false, t.hx0);
+  dense<kTanh>(t.nv, t.hx0, H1, p + L.o_wx1, H2, H2, p + L.o_bx1, false, t.h1);
+  dense<kTanh>(t.nv, t.rc, C, p + L.o_wc0, H1, H1, p + L.o_bc0, false, t.hc0);
+  dense<kTanh>(t.nv, t.hc0, H1, p + L.o_wc1, H2, H2, p + L.o_bc1, false, t.h1 + H2 * T);
+  dense<kTanh>(t.nv, t.h1, 2 * H2, q + L.q_w2, C, C, p + L.o_b, false, t.cand);  // both branches' last layers
 }
 
 // new = z c + (1 - z) cand for the tile's rows, into out [rows, C].
 void tile_store_new(const Layout& L, Tile& t, int rows, float* out) {
   const float* c = t.xc + L.X * T;
   float* nw = t.dn;  // scratch
-  each(L.C * T, [&](int i) {
+  each(t.nv, L.C, [&](int i) {
     const vf z = load(t.z + i);
     store(nw + i, z * load(c + i) + (1.0f - z) * load(t.cand + i));
   });
@@ -414,47 +433,47 @@ void tile_backward(const Layout& L, const float* p, const float* q, Tile& t, con
   for (int r = 0; r < rows; ++r)
     for (int k = 0; k < C; ++k) t.dn[k * T + r] = d_new[r * C + k];
   // new = z c + (1 - z) cand; cand = tanh(pre). d_g's z half holds d_z for now.
-  each(C * T, [&](int i) {
+  each(t.nv, C, [&](int i) {
     const vf dn = load(t.dn + i), z = load(t.z + i), cand = load(t.cand + i);
     store(t.dg + i, dn * (load(c + i) - cand));
     store(t.dc + i, dn * z);
     store(t.dpre + i, dn * (1.0f - z) * one_minus_sq(cand));
   });
-  lane_sum(t.dpre, C, acc + L.o_b * VW);
-  transpose_tile(t.h1, 2 * H2, t.h1t, L.H2p2);
-  outer_t(t.dpre, C, t.h1t, L.H2p2, sums + L.s_w2T);
+  lane_sum(t.nv, t.dpre, C, acc + L.o_b * VW);
+  transpose_tile(t.nv, t.h1, 2 * H2, t.h1t, L.H2p2);
+  outer_t(t.nv, t.dpre, C, t.h1t, L.H2p2, sums + L.s_w2T);
   // Both branches' second layers at once: d_h1 = d_pre [wx2; wc2]^T, through tanh.
-  dense<kTimesDtanh>(t.dpre, C, q + L.q_w2T, 2 * H2, 2 * H2, nullptr, false, t.dh1, t.h1);
+  dense<kTimesDtanh>(t.nv, t.dpre, C, q + L.q_w2T, 2 * H2, 2 * H2, nullptr, false, t.dh1, t.h1);
   // mlp_x: layers 1 and 0, down to d_x.
-  lane_sum(t.dh1, H2, acc + L.o_bx1 * VW);
-  transpose_tile(t.hx0, H1, t.xt, L.H1p);
-  outer_t(t.dh1, H2, t.xt, L.H1p, sums + L.s_wx1T);
-  dense<kTimesDtanh>(t.dh1, H2, q + L.q_wx1T, H1, H1, nullptr, false, t.da, t.hx0);
-  lane_sum(t.da, H1, acc + L.o_bx0 * VW);
-  transpose_tile(t.da, H1, t.xt, L.H1p);
-  outer_t(t.xc, X, t.xt, L.H1p, sums + L.s_wx0);
-  dense(t.da, H1, q + L.q_wx0T, X, X, nullptr, false, t.dx);
+  lane_sum(t.nv, t.dh1, H2, acc + L.o_bx1 * VW);
+  transpose_tile(t.nv, t.hx0, H1, t.xt, L.H1p);
+  outer_t(t.nv, t.dh1, H2, t.xt, L.H1p, sums + L.s_wx1T);
+  dense<kTimesDtanh>(t.nv, t.dh1, H2, q + L.q_wx1T, H1, H1, nullptr, false, t.da, t.hx0);
+  lane_sum(t.nv, t.da, H1, acc + L.o_bx0 * VW);
+  transpose_tile(t.nv, t.da, H1, t.xt, L.H1p);
+  outer_t(t.nv, t.xc, X, t.xt, L.H1p, sums + L.s_wx0);
+  dense(t.nv, t.da, H1, q + L.q_wx0T, X, X, nullptr, false, t.dx);
   // mlp_c, the same way, down to d_rc.
   const float* dhc1 = t.dh1 + H2 * T;
-  lane_sum(dhc1, H2, acc + L.o_bc1 * VW);
-  transpose_tile(t.hc0, H1, t.ct, L.H1p);
-  outer_t(dhc1, H2, t.ct, L.H1p, sums + L.s_wc1T);
-  dense<kTimesDtanh>(dhc1, H2, q + L.q_wc1T, H1, H1, nullptr, false, t.db, t.hc0);
-  lane_sum(t.db, H1, acc + L.o_bc0 * VW);
-  transpose_tile(t.db, H1, t.ct, L.H1p);
-  outer_t(t.rc, C, t.ct, L.H1p, sums + L.s_wc0);
-  dense(t.db, H1, q + L.q_wc0T, C, C, nullptr, false, t.drc);
+  lane_sum(t.nv, dhc1, H2, acc + L.o_bc1 * VW);
+  transpose_tile(t.nv, t.hc0, H1, t.ct, L.H1p);
+  outer_t(t.nv, dhc1, H2, t.ct, L.H1p, sums + L.s_wc1T);
+  dense<kTimesDtanh>(t.nv, dhc1, H2, q + L.q_wc1T, H1, H1, nullptr, false, t.db, t.hc0);
+  lane_sum(t.nv, t.db, H1, acc + L.o_bc0 * VW);
+  transpose_tile(t.nv, t.db, H1, t.ct, L.H1p);
+  outer_t(t.nv, t.rc, C, t.ct, L.H1p, sums + L.s_wc0);
+  dense(t.nv, t.db, H1, q + L.q_wc0T, C, C, nullptr, false, t.drc);
   // The gates: d_c += d_rc r; d_g = [d_z z (1 - z) | d_rc c r (1 - r)].
-  each(C * T, [&](int i) {
+  each(t.nv, C, [&](int i) {
     const vf z = load(t.z + i), r = load(t.r + i), drc = load(t.drc + i);
     store(t.dc + i, load(t.dc + i) + drc * r);
     store(t.dg + i, load(t.dg + i) * z * (1.0f - z));
     store(t.dg + C * T + i, drc * load(c + i) * r * (1.0f - r));
   });
-  lane_sum(t.dg, 2 * C, acc + L.o_bg * VW);
-  transpose_tile(t.dg, 2 * C, t.gt, L.C2p);
-  outer_t(t.xc, L.KXC, t.gt, L.C2p, sums + L.s_wg);
-  dense(t.dg, 2 * C, q + L.q_wgT, L.KXC, L.KXC, nullptr, false, t.dxc);
+  lane_sum(t.nv, t.dg, 2 * C, acc + L.o_bg * VW);
+  transpose_tile(t.nv, t.dg, 2 * C, t.gt, L.C2p);
+  outer_t(t.nv, t.xc, L.KXC, t.gt, L.C2p, sums + L.s_wg);
+  dense(t.nv, t.dg, 2 * C, q + L.q_wgT, L.KXC, L.KXC, nullptr, false, t.dxc);
   for (int r = 0; r < rows; ++r) {
     for (int k = 0; k < X; ++k) d_x[r * X + k] = t.dx[k * T + r] + t.dxc[k * T + r];
     for (int k = 0; k < C; ++k) d_c[r * C + k] = t.dc[k * T + r] + t.dxc[(X + k) * T + r];
