@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mplp.cell_params import CellParams
+
 SOURCE = Path(__file__).with_name("cell_kernel.cc")
 _TARGETS = {"forward": "mplp_cell_forward", "backward": "mplp_cell_backward"}
 _STATE = {"lib": None, "error": None, "warned": False}
@@ -123,16 +125,9 @@ def applies(dtype) -> bool:
 
 
 def flatten_params(p) -> jax.Array:
-  """The `_GRUCell` parameters ({"gru": ..., "gru/mlp_x_0": ...}) as the kernel's [P]
-  (autodiff maps the kernel's flat cotangent back to them)."""
-  g = p["gru"]
-  mx = lambda i, k: p[f"gru/mlp_x_{i}"][k]
-  mc = lambda i, k: p[f"gru/mlp_c_{i}"][k]
-  pieces = [jnp.concatenate([g["wzx"], g["wrx"]], 1), jnp.concatenate([g["wzc"], g["wrc"]], 1),
-            jnp.concatenate([g["bz"], g["br"]]),
-            mx(0, "w"), mx(0, "b"), mx(1, "w"), mx(1, "b"), mx(2, "w"),
-            mc(0, "w"), mc(0, "b"), mc(1, "w"), mc(1, "b"), mc(2, "w"), g["b"]]
-  return jnp.concatenate([q.reshape(-1) for q in pieces])
+  """The `_GRUCell` parameters (a `CellParams`, or the haiku dict {"gru": ...,
+  "gru/mlp_x_0": ...}) as the kernel's [P] (`mplp.cell_params` gives the order)."""
+  return (p if isinstance(p, CellParams) else CellParams.pack(p)).flat
 
 
 def _fold(args, batched, axis_size):

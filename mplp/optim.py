@@ -10,19 +10,29 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mplp.cell_params import CellParams, is_cell
+
 OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "rmsprop": optax.rmsprop}
 
 
 def normalize_per_tensor(eps: float = 1e-8) -> optax.GradientTransformation:
   """g -> g / (||g|| + eps) for every tensor of the gradient pytree separately (the
-  published meta-training's normalization). Stateless."""
+  published meta-training's normalization); a stateful cell's vector (`CellParams`, one
+  leaf) per each of its 17 tensors, as when they were leaves. Stateless."""
+  def one(g):
+    if not is_cell(g):
+      return g / (jnp.linalg.norm(g) + eps)
+    ids = g.tensor_ids()  # [P]: each value's tensor
+    norms = jnp.sqrt(jax.ops.segment_sum(g.flat * g.flat, ids, int(ids.max()) + 1))
+    return CellParams(g.flat / (norms[ids] + eps), g.sizes)
+
   def init(params):
     del params
     return optax.EmptyState()
 
   def update(updates, state, params=None):
     del params
-    return jax.tree_util.tree_map(lambda g: g / (jnp.linalg.norm(g) + eps), updates), state
+    return jax.tree_util.tree_map(one, updates, is_leaf=is_cell), state
 
   return optax.GradientTransformation(init, update)
 

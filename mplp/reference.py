@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mplp import presets
+from mplp import cell_params, presets
 from mplp.learned import PARAM_KINDS, MetaParams
 from mplp.network import Network
 
@@ -110,7 +110,7 @@ def _root(meta, path):
 
 def flat_size(network: Network) -> int:
   """Number of values in the published flat vector for `network`."""
-  meta = network.init_meta(jax.random.PRNGKey(0))
+  meta = cell_params.unpack_all(network.init_meta(jax.random.PRNGKey(0)))
   return sum(int(np.prod(np.shape(_root(meta, p)))) for p, _, _ in _slots(network, meta))
 
 
@@ -124,7 +124,8 @@ def _check_finite(flat: np.ndarray, what: str):
 def import_flat(flat: np.ndarray, network: Network) -> MetaParams:
   """The published flat vector -> `MetaParams` for `network`."""
   flat = np.asarray(flat, np.float32).ravel()
-  meta = network.init_meta(jax.random.PRNGKey(0))
+  template = network.init_meta(jax.random.PRNGKey(0))
+  meta = cell_params.unpack_all(template)  # the stateful cells' tensors by name
   slots = _slots(network, meta)
   sizes = [int(np.prod(np.shape(_root(meta, p)))) for p, _, _ in slots]
   if flat.size != sum(sizes):
@@ -138,7 +139,7 @@ def import_flat(flat: np.ndarray, network: Network) -> MetaParams:
     value = flat[offset:offset + size].reshape(shape)
     offset += size
     meta = _set(meta, path, jnp.asarray(-value if negate else value))
-  return meta
+  return cell_params.pack_like(meta, template)
 
 
 def load_published(path: str, experiment: str, **overrides) -> Tuple[Network, MetaParams]:

@@ -24,7 +24,7 @@ MARGIN = 8.0  # the kernel's error may be this many times the float32 XLA cell's
 
 
 def _xla(p, parts, carry):
-  return agents._gru_xla(p, parts, carry)
+  return agents._gru_xla(p.unpack(), parts, carry)  # on the tensors sliced from the vector
 
 
 def _fused(p, parts, carry):

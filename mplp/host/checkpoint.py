@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 import numpy as np
 
+from mplp import cell_params
+
 FORMAT = "mplp-checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d{8,})\.npz$")
@@ -127,9 +129,22 @@ def read(path) -> Tuple[List[np.ndarray], Dict[str, Any]]:
 
 def restore(path, template: Any) -> Tuple[Any, Dict[str, Any]]:
   """The checkpoint's arrays in the structure of `template` (same leaf count, shapes
-  and dtypes, else `CheckpointError`) and its metadata."""
+  and dtypes, else `CheckpointError`) and its metadata.
+
+  A file written before the stateful cells' parameters were stored as one vector
+  (`mplp.cell_params`; its 17 tensors per cell as leaves) is read into the template's
+  tensors and packed: older runs resume, older rule files load."""
   leaves, info = read(path)
   ref, treedef = jax.tree_util.tree_flatten(template)
+  if len(ref) != len(leaves):
+    old_ref, old_treedef = jax.tree_util.tree_flatten(cell_params.unpack_all(template))
+    if len(old_ref) == len(leaves) and len(old_ref) != len(ref):
+      tree, info = _restore(path, leaves, info, old_ref, old_treedef)
+      return cell_params.pack_like(tree, template), info
+  return _restore(path, leaves, info, ref, treedef)
+
+
+def _restore(path, leaves, info, ref, treedef):
   if len(ref) != len(leaves):
     raise CheckpointError(f"{path} holds {len(leaves)} arrays but this run's state has "
                           f"{len(ref)}: it was written by a different configuration")
