@@ -23,8 +23,8 @@ Two families, as in the published protocol:
 Each network is transformed once; callers get pure `init(key) -> params` and
 `apply(params, parts, carry) -> (update, message, new_carry)` (`update` is None for
 agents without a parameter). The stateful cell's parameters come from haiku (`_GRUCell`:
-their names, shapes and initializers) and are stored as one vector (`mplp.cell_params.
-CellParams`, which `p["gru"]` etc. still read by name); it runs as `_gru`: in float32 on the CPU, as one
+their names, shapes and initializers), stored as one vector (`mplp.cell_params.CellParams`;
+`p["gru"]` etc. still read them by name); it runs as `_gru`: in float32 on the CPU, as one
 fused kernel (`mplp.cell_kernel`, `_gru_fused`); otherwise (float64, other backends, no
 C++ compiler, `MPLP_CELL_KERNEL=0`) as `_gru_xla`, the same equations on the flattened
 agents in XLA. Both backward passes keep only the inputs and recompute the forward. The

@@ -7,7 +7,7 @@ cotangents per agent kind, the outer optimizer updates 17 tensors (and their mom
 kind, and XLA compiles a kernel for each distinct shape and role. Stored as one vector in
 the order the fused kernel (`mplp.cell_kernel`) reads, they are one leaf, which the kernel
 takes as it is and whose cotangent it returns as it is. Measured on the sinusoid_5x10
-meta-step (this kind's 2-core EPYC): 460 -> 290 distinct XLA kernels (see the README's
+meta-step (this kind's 2-core EPYC): 460 -> 304 distinct XLA kernels (see the README's
 benchmark section for the compile times).
 
 `CellParams(flat [..., P], sizes=(X, C, H1, H2))` is a pytree whose one leaf is `flat`
