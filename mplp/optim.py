@@ -18,7 +18,7 @@ OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "rmspr
 def normalize_per_tensor(eps: float = 1e-8) -> optax.GradientTransformation:
   """g -> g / (||g|| + eps) for every tensor of the gradient pytree separately (the
   published meta-training's normalization); a stateful cell's vector (`CellParams`, one
-  leaf) per each of its 17 tensors, as when they were leaves. Stateless."""
+  leaf) is normalized tensor by tensor, its 17 as when they were leaves. Stateless."""
   def one(g):
     if not is_cell(g):
       return g / (jnp.linalg.norm(g) + eps)

@@ -138,7 +138,7 @@ def restore(path, template: Any) -> Tuple[Any, Dict[str, Any]]:
   ref, treedef = jax.tree_util.tree_flatten(template)
   if len(ref) != len(leaves):
     old_ref, old_treedef = jax.tree_util.tree_flatten(cell_params.unpack_all(template))
-    if len(old_ref) == len(leaves) and len(old_ref) != len(ref):
+    if len(old_ref) == len(leaves):
       tree, info = _restore(path, leaves, info, old_ref, old_treedef)
       return cell_params.pack_like(tree, template), info
   return _restore(path, leaves, info, ref, treedef)
