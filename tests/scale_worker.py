@@ -18,7 +18,7 @@ import sys
 import jax
 import numpy as np
 
-from mplp import distributed
+from mplp import cell_params, distributed
 from mplp.host import config as config_lib
 from mplp.estimators import ES, Backprop
 from mplp.meta_train import MetaTrainer
@@ -65,7 +65,8 @@ def main():
       loss, metrics, grads, _ = t.meta_gradient(state.trainable, state.stats, state.pool, key, task,
                                                 state.unrolls)
       out[name] = {"loss": loss, **metrics,
-                   **{f"grad_{i}": g for i, g in enumerate(jax.tree_util.tree_leaves(grads))}}
+                   **{f"grad_{i}": g for i, g in  # each of a stateful cell's 17 tensors apart
+                      enumerate(jax.tree_util.tree_leaves(cell_params.unpack_all(grads)))}}
     return out
 
   result = distributed.to_host(jit_with_task(estimates, task)(state))

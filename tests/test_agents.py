@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mplp import agents
+from mplp import agents, cell_params
 
 
 def _weight_agent_inputs(key, batch=3, n_in=12, n_out=5, m=4):
@@ -89,7 +89,7 @@ def test_stateful_backward_pass_equals_autodiff_of_the_equations(layout):
     got = jax.jit(jax.grad(mine, argnums=(0, 1, 2)))(params, parts, carry)
     want = jax.grad(oracle, argnums=(0, 1, 2))(params, parts, carry)
     chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-12)
-    assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree_util.tree_leaves(got))
+    assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree_util.tree_leaves(cell_params.unpack_all(got)))
 
 
 @pytest.mark.parametrize("batch,n_in,n_out,max_agents", [

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mplp import agents, cell_kernel
+from mplp import agents, cell_kernel, cell_params
 
 pytestmark = pytest.mark.skipif(not cell_kernel.applies(jnp.float32),
                                 reason="the cell kernel does not apply here (no compiler or not CPU)")
@@ -66,7 +66,9 @@ def _f64(tree):
 
 
 def _err(a, b):
-  """max |a - b| over each leaf, relative to the leaf's largest |b|."""
+  """max |a - b| over each leaf, relative to the leaf's largest |b| (each of a cell's 17
+  tensors a leaf)."""
+  a, b = cell_params.unpack_all(a), cell_params.unpack_all(b)
   errs = jax.tree_util.tree_map(lambda u, v: np.max(np.abs(np.asarray(u, np.float64) - v)) / (np.max(np.abs(v)) + 1e-30), a, b)
   return max(jax.tree_util.tree_leaves(errs))
 
