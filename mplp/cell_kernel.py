@@ -15,7 +15,7 @@ and registered with `jax.ffi`. Where it cannot be built (no compiler) or does no
 cell with XLA as before; `available()` says which (and why not, once, as a warning).
 
 Shapes: x [G, n, X] (the agents' concatenated input parts), c [G, n, C] (the carry),
-params [Gp, P] (Gp = 1, shared by the G groups, or G); `flatten_params` gives the order.
+params [Gp, P] (Gp = 1, shared by the G groups, or G): `mplp.cell_params.CellParams.flat`.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from mplp.cell_params import CellParams
 
 SOURCE = Path(__file__).with_name("cell_kernel.cc")
 _TARGETS = {"forward": "mplp_cell_forward", "backward": "mplp_cell_backward"}
@@ -122,12 +120,6 @@ def applies(dtype) -> bool:
   """Whether `cell` is used for a computation in `dtype` on the default backend."""
   return (jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
           and not _OFF.get() and available())
-
-
-def flatten_params(p) -> jax.Array:
-  """The `_GRUCell` parameters (a `CellParams`, or the haiku dict {"gru": ...,
-  "gru/mlp_x_0": ...}) as the kernel's [P] (`mplp.cell_params` gives the order)."""
-  return (p if isinstance(p, CellParams) else CellParams.pack(p)).flat
 
 
 def _fold(args, batched, axis_size):

@@ -49,11 +49,11 @@ def _layout(sizes: Sizes):
   return pieces + [("gru/b", (c,))]
 
 
-def _pieces(p: Dict[str, Any], concatenate) -> list:
+def _pieces(p: Dict[str, Any]) -> list:
   """The haiku dict's tensors as the layout's pieces (gate pairs side by side)."""
   g = p["gru"]
-  out = [concatenate([g["wzx"], g["wrx"]]), concatenate([g["wzc"], g["wrc"]]),
-         concatenate([g["bz"], g["br"]])]
+  pair = lambda a, b: jnp.concatenate([a, b], -1)
+  out = [pair(g["wzx"], g["wrx"]), pair(g["wzc"], g["wrc"]), pair(g["bz"], g["br"])]
   for name, _ in _layout((0, 0, 0, 0))[3:-1]:
     module, key = name.rsplit("/", 1)
     out.append(p[module][key])
@@ -81,8 +81,7 @@ class CellParams:
     wzx = p["gru"]["wzx"]
     lead = wzx.shape[:-2]
     sizes = (wzx.shape[-2], wzx.shape[-1], p["gru/mlp_x_0"]["w"].shape[-1], p["gru/mlp_x_1"]["w"].shape[-1])
-    pieces = _pieces(p, lambda pair: jnp.concatenate(pair, -1))
-    return cls(jnp.concatenate([q.reshape(lead + (-1,)) for q in pieces], -1), sizes)
+    return cls(jnp.concatenate([q.reshape(lead + (-1,)) for q in _pieces(p)], -1), sizes)
 
   def unpack(self) -> Dict[str, Any]:
     """The haiku dict (slices of `flat`, leading axes kept)."""
@@ -116,11 +115,10 @@ class CellParams:
 
 @functools.lru_cache(maxsize=None)
 def _tensor_ids(sizes: Sizes) -> np.ndarray:
-  shapes = jax.eval_shape(lambda f: CellParams(f, sizes).unpack(),
-                          jax.ShapeDtypeStruct((size(sizes),), jnp.float32))
-  leaves, treedef = jax.tree_util.tree_flatten(shapes)
-  ids = jax.tree_util.tree_unflatten(treedef, [np.full(s.shape, i, np.int32) for i, s in enumerate(leaves)])
-  ids = np.concatenate([q.reshape(-1) for q in _pieces(ids, lambda pair: np.concatenate(pair, -1))])
+  positions = CellParams(np.arange(size(sizes)), sizes).unpack()  # each tensor's places in flat
+  ids = np.empty(size(sizes), np.int32)
+  for i, where in enumerate(jax.tree_util.tree_leaves(positions)):
+    ids[where.ravel()] = i
   ids.setflags(write=False)
   return ids
 

@@ -174,7 +174,7 @@ def test_backward_is_the_same_whichever_thread_runs_which_chunk():
   chunks that span groups; repeated calls must agree bitwise."""
   x_size, c_size = 6, 12
   p, _, _ = _case("flat", x_size, c_size)
-  flat = cell_kernel.flatten_params(p)
+  flat = p.flat
   k = jax.random.split(jax.random.PRNGKey(3), 3)
   x = jax.random.normal(k[0], (3, 555, x_size))
   c = 0.5 * jax.random.normal(k[1], (3, 555, c_size))
